@@ -1,0 +1,46 @@
+"""Build and run the Tornado application of the OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import logging
+
+from tornado import httpserver, web
+
+from xdask import config
+from xdask.cluster.supervisor import Supervisor
+from xdask_server import handlers as h
+from xdask_server.serving import OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+_UID = r"([^/]+)"
+
+
+def make_app(supervisor: Supervisor) -> web.Application:
+    """The application: routes, and the supervisor the handlers use."""
+    routes = [
+        (r"/v1/chat/completions", h.ChatCompletionsHandler),
+        (r"/v1/completions", h.CompletionsHandler),
+        (r"/v1/models", h.ModelsHandler),
+        (rf"/v1/models/{_UID}", h.ModelHandler),
+        (r"/v1/model_registrations/([^/]+)", h.RegistrationsHandler),
+        (r"/v1/model_registrations/([^/]+)/([^/]+)", h.RegistrationsHandler),
+        (r"/v1/cluster/auth", h.ClusterAuthHandler),
+        (r"/status", h.HealthHandler),
+    ]
+    return web.Application(
+        routes,
+        supervisor=supervisor,
+        serving=OpenAIServing(supervisor),
+        default_handler_class=h.NotFoundHandler,
+        compress_response=False,
+    )
+
+
+def start_http_server(app: web.Application, host: str, port: int) -> httpserver.HTTPServer:
+    """Listen on ``host:port``; bodies over the cap are refused by the handlers."""
+    limit = int(config.get("server.max-body-size"))
+    server = httpserver.HTTPServer(app, max_body_size=limit * 64, idle_connection_timeout=3600)
+    server.listen(port, address=host)
+    logger.info("xdask server listening on http://%s:%d", host, port)
+    return server

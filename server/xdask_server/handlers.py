@@ -1,0 +1,248 @@
+"""Tornado handlers: HTTP binding only; the logic lives in ``serving``.
+
+Every error leaves as an OpenAI-style JSON body with the status of its
+``XdaskError`` class; Tornado's own errors (404 route, 405 method) too.
+POST bodies are streamed in and capped at ``xdask.server.max-body-size``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import pydantic
+from tornado import httputil, web
+from tornado.iostream import StreamClosedError
+
+from xdask import config
+from xdask.errors import (
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PayloadTooLargeError,
+    XdaskError,
+)
+from xdask_server.protocol import ChatCompletionRequest, CompletionRequest, LaunchModelRequest
+from xdask_server.serving import OpenAIServing, describe, registrations
+
+logger = logging.getLogger(__name__)
+
+#: Bodies this many times over the limit are refused without reading them.
+_REFUSE_UNREAD_FACTOR = 8
+
+
+def _pydantic_message(exc: pydantic.ValidationError) -> tuple[str, str | None]:
+    """A one-line message and the offending parameter of a validation error."""
+    errors = exc.errors(include_url=False, include_context=False)
+    first = errors[0] if errors else {}
+    loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("function-after",))
+    msg = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        return f"Request body is not valid JSON: {msg}", None
+    if first.get("type") == "model_type":
+        return "Request body must be a JSON object", None
+    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    return (f"{loc}: {msg}{more}" if loc else f"{msg}{more}"), (loc.split(".")[0] or None)
+
+
+class BaseHandler(web.RequestHandler):
+    """JSON in and out, OpenAI-style errors, a capped request body."""
+
+    @property
+    def supervisor(self) -> Any:
+        return self.application.settings["supervisor"]
+
+    @property
+    def serving(self) -> OpenAIServing:
+        return self.application.settings["serving"]
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+
+    def check_xsrf_cookie(self) -> None:  # an API, not a form site
+        return None
+
+    def write_json(self, obj: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(obj))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, XdaskError):
+            err = exc
+        elif status_code == 405:
+            err = MethodNotAllowedError(f"Method {self.request.method} is not allowed on {self.request.path}")
+        elif status_code == 404:
+            err = NotFoundError(f"No route {self.request.path}")
+        elif 400 <= status_code < 500:
+            err = InvalidRequestError(self._reason or "Bad request")
+        else:
+            err = XdaskError("Internal server error")
+        err_status = err.status if isinstance(exc, XdaskError) else status_code
+        self.set_status(err_status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(err.to_dict()))
+
+    def _handle_request_exception(self, e: BaseException) -> None:
+        if isinstance(e, XdaskError):
+            if self._finished:
+                return
+            if e.status >= 500:
+                logger.warning("%s %s failed: %s", self.request.method, self.request.path, e)
+            self.clear()
+            self.send_error(e.status, exc_info=(type(e), e, e.__traceback__))
+            return
+        if isinstance(e, pydantic.ValidationError):
+            message, param = _pydantic_message(e)
+            return self._handle_request_exception(InvalidRequestError(message, param=param))
+        super()._handle_request_exception(e)
+
+    def parse(self, schema: type[pydantic.BaseModel]) -> Any:
+        """The request body validated against ``schema`` (400 on any problem)."""
+        return schema.model_validate_json(self.request.body or b"")
+
+
+@web.stream_request_body
+class BodyHandler(BaseHandler):
+    """A handler whose POST body is read in chunks and capped."""
+
+    def prepare(self) -> None:
+        self._limit = int(config.get("server.max-body-size"))
+        self._chunks: list[bytes] = []
+        self._size = 0
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > self._limit * _REFUSE_UNREAD_FACTOR:
+            raise PayloadTooLargeError(f"Request body of {length} bytes is over the limit of {self._limit}")
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size <= self._limit:
+            self._chunks.append(chunk)
+        else:  # keep reading (so the client gets our answer) but keep nothing
+            self._chunks.clear()
+
+    def parse(self, schema: type[pydantic.BaseModel]) -> Any:
+        if self._size > self._limit:
+            raise PayloadTooLargeError(f"Request body of {self._size} bytes is over the limit of {self._limit}")
+        self.request.body = b"".join(self._chunks)
+        return super().parse(schema)
+
+
+class GenerationHandler(BodyHandler):
+    """Shared POST logic of chat and completions: JSON answer or SSE stream."""
+
+    schema: type[ChatCompletionRequest] | type[CompletionRequest]
+
+    def on_connection_close(self) -> None:
+        task = getattr(self, "_task", None)
+        if task is not None and not task.done():
+            task.cancel()  # aborts the comm, which cancels generation on the worker
+
+    async def post(self) -> None:
+        req = self.parse(self.schema)
+        if not req.stream:
+            self._task = asyncio.ensure_future(self.serving.complete(req))
+            try:
+                body = await self._task
+            except asyncio.CancelledError:
+                return  # the client hung up
+            self.write_json(body)
+            return
+        await self._stream(req)
+
+    async def _stream(self, req: Any) -> None:
+        chunks = self.serving.stream(req)
+        try:
+            first = await anext(chunks)  # errors before the first byte are plain HTTP errors
+        except StopAsyncIteration:
+            first = None
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        try:
+            if first is not None:
+                self.write(b"data: " + json.dumps(first).encode() + b"\n\n")
+                await self.flush()
+            try:
+                async for chunk in chunks:
+                    self.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                    await self.flush()
+            except XdaskError as exc:  # mid-stream: report in-band, as OpenAI does
+                self.write(b"data: " + json.dumps(exc.to_dict()).encode() + b"\n\n")
+            self.write(b"data: [DONE]\n\n")
+            self.finish()
+        except StreamClosedError:
+            pass  # the client hung up; closing `chunks` cancels generation
+        finally:
+            await chunks.aclose()
+
+
+class ChatCompletionsHandler(GenerationHandler):
+    schema = ChatCompletionRequest
+
+
+class CompletionsHandler(GenerationHandler):
+    schema = CompletionRequest
+
+
+class ModelsHandler(BodyHandler):
+    """``GET /v1/models`` lists running models; ``POST`` launches one."""
+
+    async def get(self) -> None:
+        records = await self.supervisor.list_models()
+        self.write_json({"object": "list", "data": [describe(r) for r in records]})
+
+    async def post(self) -> None:
+        req = self.parse(LaunchModelRequest)
+        uid = await self.supervisor.launch(req.to_launch_dict())
+        self.write_json({"model_uid": uid})
+
+
+class ModelHandler(BaseHandler):
+    """``GET``/``DELETE /v1/models/{uid}``."""
+
+    async def get(self, uid: str) -> None:
+        self.write_json(describe(await self.supervisor.get_model(uid)))
+
+    async def delete(self, uid: str) -> None:
+        await self.supervisor.terminate(uid)
+        self.write_json({"id": uid, "object": "model", "deleted": True})
+
+
+class RegistrationsHandler(BaseHandler):
+    """``GET /v1/model_registrations/{model_type}[/{model_name}]``."""
+
+    async def get(self, model_type: str, model_name: str | None = None) -> None:
+        detailed = self.get_query_argument("detailed", "false").lower() == "true"
+        items = registrations(model_type, detailed or model_name is not None)
+        if model_name is None:
+            self.write_json(items)
+            return
+        for item in items:
+            if item["model_name"] == model_name:
+                self.write_json(item)
+                return
+        raise NotFoundError(f"Model family {model_name!r} is not registered", param="model_name")
+
+
+class ClusterAuthHandler(BaseHandler):
+    """``GET /v1/cluster/auth``: Xinference clients ask whether auth is on."""
+
+    def get(self) -> None:
+        self.write_json({"auth": False})
+
+
+class HealthHandler(BaseHandler):
+    """``GET /status``: the server and its scheduler answer."""
+
+    async def get(self) -> None:
+        info = await self.supervisor.client.scheduler.identity()
+        self.write_json({"status": "ok", "scheduler": info.get("address"), "workers": len(info.get("workers", {}))})
+
+
+class NotFoundHandler(BaseHandler):
+    """Unknown routes: a JSON 404 for any method."""
+
+    def prepare(self) -> None:
+        raise NotFoundError(f"No route {self.request.method} {self.request.path}")

@@ -1,0 +1,197 @@
+"""Engine-agnostic OpenAI logic: requests in, response bodies and chunks out.
+
+No Tornado here: the handlers pass validated requests to ``OpenAIServing``
+and write what it returns, so this logic is testable and reusable (the
+Jupyter extension can serve the same API).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from xdask import config
+from xdask.cluster.supervisor import Supervisor
+from xdask.errors import InvalidRequestError, RequestTimeoutError
+from xdask.registry import list_families
+from xdask_server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+
+def describe(record: dict[str, Any]) -> dict[str, Any]:
+    """A running model in Xinference's ``describe_model`` shape (+ OpenAI ids)."""
+    spec = record["spec"]
+    replicas = record["replicas"]
+    return {
+        "id": record["model_uid"],
+        "object": "model",
+        "created": int(record.get("created", 0)),
+        "owned_by": "xdask",
+        "model_type": spec["model_type"],
+        "address": replicas[0]["address"] if replicas else None,
+        "accelerators": [str(i) for r in replicas for i in (r.get("gpu_idx") or [])],
+        "model_name": spec["model_name"],
+        "model_lang": spec["model_lang"],
+        "model_ability": spec["model_ability"],
+        "model_description": spec["model_description"],
+        "model_format": spec["model_format"],
+        "model_size_in_billions": spec["model_size_in_billions"],
+        "model_family": spec["model_family"],
+        "quantization": spec["quantization"],
+        "model_engine": spec["model_engine"],
+        "model_hub": "huggingface",
+        "revision": None,
+        "context_length": spec["context_length"],
+        "replica": len(replicas),
+        "state": record["state"],
+    }
+
+
+def registrations(model_type: str, detailed: bool) -> list[dict[str, Any]]:
+    """``GET /v1/model_registrations/{type}`` in Xinference's shape."""
+    out = []
+    for fam in list_families(model_type):
+        item: dict[str, Any] = {"model_name": fam.model_name, "is_builtin": fam.is_builtin}
+        if detailed:
+            item.update(fam.model_dump(mode="json", exclude={"chat_template"}))
+        out.append(item)
+    return out
+
+
+class _Usage:
+    """Token counts reported by the engine in its last message."""
+
+    def __init__(self) -> None:
+        self.prompt = 0
+        self.completion = 0
+
+    def update(self, msg: dict[str, Any]) -> None:
+        if msg.get("u"):
+            self.prompt, self.completion = msg["u"]
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+        }
+
+
+class OpenAIServing:
+    """Chat and completion requests against the models of a ``Supervisor``."""
+
+    def __init__(self, supervisor: Supervisor):
+        self.supervisor = supervisor
+
+    async def _max_tokens(self, req: SamplingFields, requested: int | None) -> int:
+        record = await self.supervisor._record(req.model)
+        context = int(record["spec"]["context_length"])
+        if requested is None:
+            return min(int(config.get("generate.default-max-tokens")), context)
+        if requested > context:
+            raise InvalidRequestError(
+                f"max_tokens={requested} is more than the model's context length ({context})",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return requested
+
+    async def _internal(self, req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+        max_tokens = await self._max_tokens(req, req.requested_max_tokens)
+        if isinstance(req, ChatCompletionRequest):
+            return {
+                "kind": "chat",
+                "messages": [m.as_template_input() for m in req.messages],
+                "chat_template_kwargs": req.chat_template_kwargs or {},
+                "params": req.sampling_params(max_tokens),
+            }
+        return {"kind": "completion", "prompt": req.prompt_text, "params": req.sampling_params(max_tokens)}
+
+    async def _messages(self, uid: str, internal: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        deadline = float(config.get("server.request-timeout"))
+        try:
+            async with asyncio.timeout(deadline):
+                async for msg in self.supervisor.stream(uid, internal):
+                    yield msg
+        except TimeoutError as exc:
+            raise RequestTimeoutError(f"The model took longer than {deadline} s") from exc
+
+    # -- non-streaming -----------------------------------------------------
+
+    async def complete(self, req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+        """The whole response body of a chat or completion request."""
+        internal = await self._internal(req)
+        text: list[str] = []
+        finish: str | None = None
+        usage = _Usage()
+        async for msg in self._messages(req.model, internal):
+            text.append(msg["t"])
+            finish = msg["f"] or finish
+            usage.update(msg)
+        created = int(time.time())
+        if isinstance(req, ChatCompletionRequest):
+            return {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": created,
+                "model": req.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(text)},
+                        "finish_reason": finish or "stop",
+                        "logprobs": None,
+                    }
+                ],
+                "usage": usage.as_dict(),
+            }
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": created,
+            "model": req.model,
+            "choices": [{"index": 0, "text": "".join(text), "finish_reason": finish or "stop", "logprobs": None}],
+            "usage": usage.as_dict(),
+        }
+
+    # -- streaming -----------------------------------------------------------
+
+    async def stream(self, req: ChatCompletionRequest | CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        """The SSE chunks of a streamed request (without ``[DONE]``)."""
+        internal = await self._internal(req)
+        chat = isinstance(req, ChatCompletionRequest)
+        base = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": req.model,
+        }
+        include_usage = req.include_usage
+        extra = {"usage": None} if include_usage else {}
+        usage = _Usage()
+
+        def chunk(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+            if chat:
+                delta: dict[str, Any] = {}
+                if first:
+                    delta["role"] = "assistant"
+                if text is not None:
+                    delta["content"] = text
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            return {**base, "choices": [choice], **extra}
+
+        if chat:
+            yield chunk("", None, first=True)
+        finish: str | None = None
+        async for msg in self._messages(req.model, internal):
+            usage.update(msg)
+            finish = msg["f"] or finish
+            if msg["t"]:
+                yield chunk(msg["t"], None)
+        yield chunk(None if chat else "", finish or "stop")
+        if include_usage:
+            yield {**base, "choices": [], "usage": usage.as_dict()}

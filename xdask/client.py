@@ -1,0 +1,176 @@
+"""``xdask.Client``: the Python client of an xdask server's HTTP API.
+
+Examples
+--------
+>>> from xdask import Client                                   # doctest: +SKIP
+>>> client = Client("http://127.0.0.1:9997")
+>>> uid = client.launch_model("gemma-3-270m", model_engine="llama.cpp")
+>>> model = client.get_model(uid)
+>>> model.chat([{"role": "user", "content": "Hi"}], max_tokens=16)["choices"][0]["message"]["content"]
+>>> for chunk in model.chat("Tell me a story", stream=True):
+...     print(chunk["choices"][0]["delta"].get("content", ""), end="")
+>>> client.terminate_model(uid)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from xdask import config
+from xdask.errors import XdaskError, from_dict
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"detail": response.text or response.reason_phrase}
+    raise from_dict(body, response.status_code)
+
+
+def _sse_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    """Decoded ``data:`` events of a server-sent-events response, up to ``[DONE]``."""
+    for line in response.iter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        event = json.loads(data)
+        if "error" in event:
+            raise from_dict(event, 500)
+        yield event
+
+
+class ModelHandle:
+    """A running model: ``chat``, ``generate`` and ``describe``."""
+
+    def __init__(self, client: "Client", uid: str, description: dict[str, Any]):
+        self._client = client
+        self.uid = uid
+        self.description = description
+
+    def __repr__(self) -> str:
+        return f"<ModelHandle {self.uid} {self.description.get('model_name')}>"
+
+    def _post(self, path: str, body: dict[str, Any], stream: bool) -> Any:
+        if not stream:
+            resp = self._client._http.post(path, json=body)
+            _raise_for_error(resp)
+            return resp.json()
+        return self._stream(path, body)
+
+    def _stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        with self._client._http.stream("POST", path, json=body) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                _raise_for_error(resp)
+            yield from _sse_events(resp)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | str,
+        generate_config: dict[str, Any] | None = None,
+        *,
+        stream: bool = False,
+        **params: Any,
+    ) -> Any:
+        """``POST /v1/chat/completions``; a string is one user message.
+
+        ``generate_config`` (Xinference's name) and keyword params are merged.
+        Returns the response dict, or an iterator of chunks with ``stream=True``.
+        """
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        body = {**(generate_config or {}), **params, "model": self.uid, "messages": messages}
+        stream = bool(body.pop("stream", stream))
+        body["stream"] = stream
+        return self._post("/v1/chat/completions", body, stream)
+
+    def generate(
+        self, prompt: str, generate_config: dict[str, Any] | None = None, *, stream: bool = False, **params: Any
+    ) -> Any:
+        """``POST /v1/completions`` with one prompt."""
+        body = {**(generate_config or {}), **params, "model": self.uid, "prompt": prompt}
+        stream = bool(body.pop("stream", stream))
+        body["stream"] = stream
+        return self._post("/v1/completions", body, stream)
+
+    def describe(self) -> dict[str, Any]:
+        return self._client.describe_model(self.uid)
+
+
+class Client:
+    """HTTP client of an xdask server (``XDASK_ENDPOINT`` by default)."""
+
+    def __init__(self, endpoint: str | None = None, *, timeout: float = 1800.0, api_key: str | None = None):
+        self.endpoint = (endpoint or config.get("endpoint")).rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.endpoint, timeout=timeout, headers=headers)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self._http.request(method, path, **kwargs)
+        _raise_for_error(resp)
+        return resp.json()
+
+    def launch_model(
+        self,
+        model_name: str,
+        model_type: str = "LLM",
+        model_engine: str | None = None,
+        model_uid: str | None = None,
+        model_size_in_billions: int | float | str | None = None,
+        model_format: str | None = None,
+        quantization: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Launch a model and wait until it is ready; returns its uid."""
+        payload = {
+            "model_name": model_name,
+            "model_type": model_type,
+            "model_engine": model_engine,
+            "model_uid": model_uid,
+            "model_size_in_billions": model_size_in_billions,
+            "model_format": model_format,
+            "quantization": quantization,
+            **kwargs,
+        }
+        payload = {k: v for k, v in payload.items() if v is not None}
+        return self._request("POST", "/v1/models", json=payload)["model_uid"]
+
+    def list_models(self) -> dict[str, dict[str, Any]]:
+        """Running models by uid."""
+        data = self._request("GET", "/v1/models")["data"]
+        return {item["id"]: item for item in data}
+
+    def describe_model(self, model_uid: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/models/{model_uid}")
+
+    def get_model(self, model_uid: str) -> ModelHandle:
+        return ModelHandle(self, model_uid, self.describe_model(model_uid))
+
+    def terminate_model(self, model_uid: str) -> None:
+        self._request("DELETE", f"/v1/models/{model_uid}")
+
+    def list_model_registrations(self, model_type: str = "LLM", detailed: bool = False) -> list[dict[str, Any]]:
+        return self._request(
+            "GET", f"/v1/model_registrations/{model_type}", params={"detailed": str(detailed).lower()}
+        )
+
+
+__all__ = ["Client", "ModelHandle", "XdaskError"]

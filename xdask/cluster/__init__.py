@@ -1,0 +1,1 @@
+"""The Dask side of xdask: model actors, the registry plugin, placement, streaming."""

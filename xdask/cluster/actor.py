@@ -1,0 +1,166 @@
+"""``ModelActor``: one loaded model, living as a Dask actor on a worker.
+
+The constructor loads the engine (Dask runs it in a worker thread, so the
+worker's event loop stays free). Generation runs on the actor's own thread
+pool, one thread per in-flight request, and is awaited from ``async def``
+methods, so one actor serves many requests at once and heartbeats go on.
+
+Tokens reach the server through the worker comm handler in
+``xdask.cluster.stream`` rather than one actor call per token: see FACTS.md.
+
+Examples
+--------
+>>> from distributed import Client                             # doctest: +SKIP
+>>> client = Client()
+>>> fut = client.submit(ModelActor, "m1", launch, actor=True, workers=[addr])
+>>> actor = fut.result()
+>>> actor.complete({"kind": "completion", "prompt": "Hi", "params": {"max_tokens": 8}}).result()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import gc
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from distributed import get_worker
+
+from xdask.cluster.generation import build_params, build_prompt
+from xdask.cluster.stream import install_stream_handler
+from xdask.engines import create_engine
+from xdask.engines.base import Delta
+from xdask.errors import ModelNotReadyError, XdaskError
+from xdask.hub import locate_model
+from xdask.registry.specs import ResolvedModel
+
+logger = logging.getLogger(__name__)
+
+
+class ModelActor:
+    """A model replica: its engine, its request threads and its description.
+
+    ``launch`` is the dict built by ``xdask.cluster.supervisor``: the resolved
+    spec, the engine name, ``model_path`` and engine kwargs.
+    """
+
+    def __init__(self, uid: str, launch: dict[str, Any]):
+        self.uid = uid
+        self.launch = launch
+        self.resolved = ResolvedModel.model_validate(launch["resolved"])
+        path = locate_model(self.resolved, launch.get("model_path"))
+        self.model_path = str(path)
+        self.engine = create_engine(self.resolved, launch["model_engine"], self.model_path, launch.get("engine_kwargs") or {})
+        self.engine.load()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, self.engine.max_concurrency), thread_name_prefix=f"xdask-{uid}"
+        )
+        self._closed = False
+        self._in_flight = 0
+        install_stream_handler(get_worker())
+        logger.info("Model %s loaded from %s with %s", uid, self.model_path, self.engine.describe())
+
+    async def describe(self) -> dict[str, Any]:
+        """What runs here: engine facts, path and in-flight request count."""
+        return {
+            "model_uid": self.uid,
+            "model_path": self.model_path,
+            "in_flight": self._in_flight,
+            **self.engine.describe(),
+        }
+
+    async def stream(self, request: dict[str, Any]) -> AsyncIterator[list[Delta]]:
+        """Generate for ``request``, yielding whatever deltas are ready each time.
+
+        Closing the iterator (``aclose``) tells the engine to stop at its next
+        token, so a client that hangs up stops using the model.
+        """
+        if self._closed:
+            raise ModelNotReadyError(f"Model {self.uid} is shutting down")
+        prompt = build_prompt(self.resolved.family, request, self.engine.adds_bos)
+        params = build_params(self.resolved.family, request)
+        loop = asyncio.get_running_loop()
+        buffer: list[Delta] = []
+        lock = threading.Lock()
+        ready = asyncio.Event()
+        cancelled = threading.Event()
+
+        def emit(delta: Delta) -> bool:
+            with lock:
+                buffer.append(delta)
+                first = len(buffer) == 1
+            if first:  # one loop wake-up per batch, not per token
+                loop.call_soon_threadsafe(ready.set)
+            return cancelled.is_set()
+
+        self._in_flight += 1
+        job = loop.run_in_executor(self._pool, self.engine.generate, prompt, params, emit)
+        try:
+            while True:
+                waiter = asyncio.ensure_future(ready.wait())
+                done, _ = await asyncio.wait({waiter, job}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter not in done:
+                    waiter.cancel()
+                ready.clear()
+                with lock:
+                    batch = buffer[:]
+                    buffer.clear()
+                if batch:
+                    yield batch
+                if job.done() and not buffer:
+                    job.result()  # raise the engine's error, if any
+                    return
+        finally:
+            cancelled.set()
+            self._in_flight -= 1
+            if not job.done():
+                # The engine sees `cancelled` at its next token; don't wait for it.
+                job.add_done_callback(lambda f: f.exception())
+
+    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Whole answer for ``request``: ``{"text", "finish_reason", "usage"}``.
+
+        The Python-side entry point (notebooks, batch futures); the HTTP
+        server uses the stream handler, which also covers non-streaming calls.
+        """
+        text: list[str] = []
+        last = Delta(text="")
+        async for batch in self.stream(request):
+            for delta in batch:
+                text.append(delta.text)
+                if delta.finish_reason is not None:
+                    last.finish_reason = delta.finish_reason
+                if delta.completion_tokens is not None:
+                    last.prompt_tokens, last.completion_tokens = delta.prompt_tokens, delta.completion_tokens
+        return {
+            "text": "".join(text),
+            "finish_reason": last.finish_reason,
+            "usage": {
+                "prompt_tokens": last.prompt_tokens or 0,
+                "completion_tokens": last.completion_tokens or 0,
+                "total_tokens": (last.prompt_tokens or 0) + (last.completion_tokens or 0),
+            },
+        }
+
+    async def shutdown(self) -> bool:
+        """Stop serving and free the engine's memory before the actor is released."""
+        if self._closed:
+            return False
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        # close() may wait for running requests (llama-cpp-python's lock): off the loop.
+        await loop.run_in_executor(None, self.engine.close)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        gc.collect()
+        logger.info("Model %s shut down", self.uid)
+        return True
+
+
+def error_payload(exc: BaseException) -> dict[str, Any]:
+    """An exception as the dict the stream protocol carries to the server."""
+    if isinstance(exc, XdaskError):
+        return {"status": exc.status, "type": exc.type, "message": exc.message, "param": exc.param, "code": exc.code}
+    return {"status": 500, "type": "internal_error", "message": f"{type(exc).__name__}: {exc}", "param": None, "code": None}

@@ -1,0 +1,44 @@
+"""Generation requests as they travel from the server to a model actor.
+
+A request is a plain dict (msgpack-friendly, no pickling on the hot path):
+``{"kind": "chat" | "completion", "messages" | "prompt", "params": {...}}``.
+The server has already validated it with pydantic; this module turns it
+into a prompt and ``SamplingParams`` for the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from xdask.engines.base import SamplingParams
+from xdask.errors import InvalidRequestError
+from xdask.registry.chat_template import render_chat
+from xdask.registry.specs import LLMFamily
+
+
+def build_prompt(family: LLMFamily, request: dict[str, Any], adds_bos: bool) -> str:
+    """The engine prompt for a chat or completion request."""
+    kind = request.get("kind")
+    if kind == "completion":
+        return str(request["prompt"])
+    if kind != "chat":
+        raise InvalidRequestError(f"unknown request kind {kind!r}")
+    if "chat" not in family.model_ability:
+        raise InvalidRequestError(f"Model family {family.model_name!r} cannot chat; use /v1/completions")
+    if not family.chat_template:
+        raise InvalidRequestError(f"Model family {family.model_name!r} has no chat template")
+    return render_chat(
+        family.chat_template,
+        request["messages"],
+        bos_token="" if adds_bos else "<bos>",
+        **(request.get("chat_template_kwargs") or {}),
+    )
+
+
+def build_params(family: LLMFamily, request: dict[str, Any]) -> SamplingParams:
+    """Sampling parameters; chat requests also stop at the family's stop words."""
+    params = dict(request.get("params") or {})
+    stop = list(params.pop("stop", None) or [])
+    if request.get("kind") == "chat":
+        stop += [s for s in family.stop if s not in stop]
+    return SamplingParams(stop=stop, **params)

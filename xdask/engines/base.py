@@ -1,0 +1,76 @@
+"""The ``Engine`` protocol: what every inference engine gives xdask.
+
+An engine turns a prompt and sampling parameters into text, calling ``emit``
+with each piece as it is produced. Engines are synchronous and are called
+from worker threads (one per in-flight request): an engine that can batch
+(xllamacpp's slots, vLLM, SGLang) serves those threads at once; one that
+cannot (llama-cpp-python) serializes them itself. Chat is built on top of
+``generate`` by the model actor with the family's chat template, so an
+engine implements one generation entry point.
+
+Examples
+--------
+>>> class EchoEngine:                        # doctest: +SKIP
+...     name = "echo"
+...     adds_bos = False
+...     max_concurrency = 4
+...     def load(self): ...
+...     def generate(self, prompt, params, emit):
+...         emit(Delta(text=prompt, finish_reason="stop", prompt_tokens=1, completion_tokens=1))
+...     def close(self): ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings common to every engine (OpenAI's names)."""
+
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+@dataclass
+class Delta:
+    """A piece of generated text; the last one has ``finish_reason`` and usage."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+Emit = Callable[[Delta], bool]
+"""Receives each delta; returns True when the consumer is gone (stop generating)."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One loaded model behind a uniform, thread-callable generation API."""
+
+    name: ClassVar[str]
+    #: Whether tokenizing a prompt adds BOS itself (then templates must not).
+    adds_bos: bool
+    #: How many requests the engine serves at once; more wait in its queue.
+    max_concurrency: int
+
+    def load(self) -> None:
+        """Load weights; raise ``ModelLoadError`` with the engine's reason."""
+
+    def generate(self, prompt: str, params: SamplingParams, emit: Emit) -> None:
+        """Generate for ``prompt``, calling ``emit`` per piece; blocks its thread."""
+
+    def close(self) -> None:
+        """Free the model's memory; the engine is unusable afterwards."""
+
+    def describe(self) -> dict[str, Any]:
+        """Engine facts for ``GET /v1/models/{uid}`` (backend, slots, ...)."""

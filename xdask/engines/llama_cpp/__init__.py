@@ -1,0 +1,53 @@
+"""llama.cpp engine for GGUF models, with two backends.
+
+``xllamacpp`` runs llama.cpp's own server loop in-process with parallel slots
+(continuous batching); ``llama-cpp-python`` is the package most users know,
+decoding one sequence at a time. ``XDASK_LLAMA_CPP_BACKEND`` (or the launch
+kwarg ``llama_cpp_backend``) picks one; ``auto`` prefers xllamacpp.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from xdask import config
+from xdask.errors import EngineUnavailableError
+
+BACKENDS = ("xllamacpp", "llama-cpp-python")
+_MODULES = {"xllamacpp": "xllamacpp", "llama-cpp-python": "llama_cpp"}
+
+
+def installed_backends() -> list[str]:
+    """Backends importable here, in order of preference."""
+    return [b for b in BACKENDS if importlib.util.find_spec(_MODULES[b]) is not None]
+
+
+def choose_backend(requested: str | None = None) -> str:
+    """The backend to use: the requested one, else config, else the first installed."""
+    wanted = (requested or config.get("llama-cpp.backend") or "auto").lower().replace("_", "-")
+    if wanted in ("llama-cpp", "llamacpp"):
+        wanted = "llama-cpp-python"
+    available = installed_backends()
+    if wanted == "auto":
+        if not available:
+            raise EngineUnavailableError(
+                "No llama.cpp backend is installed: pip install xllamacpp (or llama-cpp-python)"
+            )
+        return available[0]
+    if wanted not in BACKENDS:
+        raise EngineUnavailableError(f"Unknown llama.cpp backend {wanted!r}; choose one of {BACKENDS}")
+    if wanted not in available:
+        raise EngineUnavailableError(f"llama.cpp backend {wanted!r} is not installed on this worker")
+    return wanted
+
+
+def make_engine(model_path: str, backend: str, options: dict[str, Any]) -> Any:
+    """Build (not load) the engine object for ``backend``."""
+    if backend == "xllamacpp":
+        from xdask.engines.llama_cpp.xllamacpp_backend import XllamacppEngine
+
+        return XllamacppEngine(model_path, **options)
+    from xdask.engines.llama_cpp.llama_cpp_python_backend import LlamaCppPythonEngine
+
+    return LlamaCppPythonEngine(model_path, **options)

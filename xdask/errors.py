@@ -1,0 +1,138 @@
+"""One exception hierarchy for xdask, mapped once to HTTP by the server.
+
+Every error a user can cause or meet carries the HTTP status and the
+OpenAI error ``type`` it maps to, so that the Tornado handlers, the Python
+client and the CLI all speak of it the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class XdaskError(Exception):
+    """Base class of xdask errors; also the server-side fallback (HTTP 500)."""
+
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        """The OpenAI error body: ``{"error": {message, type, param, code}}``.
+
+        ``detail`` repeats the message because Xinference clients read it.
+        """
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            },
+            "detail": self.message,
+        }
+
+
+class InvalidRequestError(XdaskError):
+    """The request is malformed or has values out of range (400)."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationError(XdaskError):
+    """Missing or wrong credentials (401)."""
+
+    status = 401
+    type = "authentication_error"
+
+
+class NotFoundError(XdaskError):
+    """An unknown model uid, family or route (404)."""
+
+    status = 404
+    type = "not_found_error"
+
+
+class MethodNotAllowedError(XdaskError):
+    """The route exists but not for this HTTP method (405)."""
+
+    status = 405
+    type = "invalid_request_error"
+
+
+class ConflictError(XdaskError):
+    """The name is taken, e.g. a model uid that is already running (409)."""
+
+    status = 409
+    type = "conflict_error"
+
+
+class PayloadTooLargeError(XdaskError):
+    """The request body is over ``xdask.server.max-body-size`` (413)."""
+
+    status = 413
+    type = "invalid_request_error"
+
+
+class ModelNotReadyError(XdaskError):
+    """The model exists but cannot serve now: loading, lost or overloaded (503)."""
+
+    status = 503
+    type = "service_unavailable"
+
+
+class EngineUnavailableError(InvalidRequestError):
+    """No installed engine can run this model spec (400, says what to install)."""
+
+
+class ModelLoadError(XdaskError):
+    """The engine failed to load the model (500, with the engine's message)."""
+
+    type = "model_load_error"
+
+
+class GenerationError(XdaskError):
+    """The engine failed while generating (500)."""
+
+    type = "generation_error"
+
+
+class WorkerLostError(ModelNotReadyError):
+    """The Dask worker that held the model died or became unreachable (503)."""
+
+
+class RequestTimeoutError(XdaskError):
+    """The model took longer than ``xdask.server.request-timeout`` (504)."""
+
+    status = 504
+    type = "timeout_error"
+
+
+
+
+def from_dict(body: dict[str, Any], status: int) -> XdaskError:
+    """Rebuild an error from an HTTP error body (used by the Python client)."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        message = body.get("detail") if isinstance(body, dict) else None
+        err = {"message": message or f"HTTP {status}"}
+    classes = {
+        400: InvalidRequestError,
+        401: AuthenticationError,
+        404: NotFoundError,
+        405: MethodNotAllowedError,
+        409: ConflictError,
+        413: PayloadTooLargeError,
+        503: ModelNotReadyError,
+        504: RequestTimeoutError,
+    }
+    cls = classes.get(status, XdaskError)
+    exc = cls(str(err.get("message")), param=err.get("param"), code=err.get("code"))
+    exc.status = status
+    return exc
