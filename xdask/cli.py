@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import click
+import httpx
 
 from xdask import config
 from xdask.client import Client
@@ -34,6 +35,10 @@ DEFAULT_MODEL: dict[str, str] = {
 endpoint_option = click.option(
     "--endpoint", "-e", default=None, help="Server URL (default: XDASK_ENDPOINT or http://127.0.0.1:9997)."
 )
+
+
+#: What a command reports as one line instead of a traceback.
+_CLIENT_ERRORS = (XdaskError, OSError, httpx.HTTPError)
 
 
 def _client(endpoint: str | None) -> Client:
@@ -69,6 +74,11 @@ async def _run_local(host: str, port: int, n_workers: int | None, log_level: str
     await stop.wait()
     click.echo("Stopping xdask ...")
     server.stop()
+    try:
+        # Free the engines first: a worker holding llama.cpp threads exits slowly.
+        await asyncio.wait_for(supervisor.terminate_all(), 30)
+    except (asyncio.TimeoutError, XdaskError, OSError) as exc:
+        click.echo(f"Could not stop every model cleanly: {exc}")
     try:
         await asyncio.wait_for(supervisor.close(), 10)
     finally:
@@ -160,7 +170,7 @@ def launch(endpoint: str | None, model_name: str, model_engine: str | None, mode
                 model_size_in_billions=size_in_billions, model_format=model_format,
                 quantization=quantization, n_gpu=n_gpu_value, model_path=model_path, **extra,
             )
-    except (XdaskError, OSError) as exc:
+    except _CLIENT_ERRORS as exc:
         _fail(exc)
     click.echo(f"Model uid: {uid}  (ready in {time.monotonic() - started:.1f} s)")
 
@@ -175,7 +185,7 @@ def list_cmd(endpoint: str | None) -> None:
     try:
         with _client(endpoint) as client:
             models = client.list_models()
-    except (XdaskError, OSError) as exc:
+    except _CLIENT_ERRORS as exc:
         _fail(exc)
     table = Table("UID", "Type", "Name", "Engine", "Format", "Size (B)", "Quantization", "State", "Address")
     for uid, m in models.items():
@@ -192,7 +202,7 @@ def terminate(endpoint: str | None, model_uid: str) -> None:
     try:
         with _client(endpoint) as client:
             client.terminate_model(model_uid)
-    except (XdaskError, OSError) as exc:
+    except _CLIENT_ERRORS as exc:
         _fail(exc)
     click.echo(f"Terminated {model_uid}")
 
@@ -209,7 +219,7 @@ def registrations(endpoint: str | None, model_type: str, detailed: bool) -> None
     try:
         with _client(endpoint) as client:
             items = client.list_model_registrations(model_type, detailed=True)
-    except (XdaskError, OSError) as exc:
+    except _CLIENT_ERRORS as exc:
         _fail(exc)
     if detailed:
         click.echo(json.dumps(items, indent=2))
@@ -264,7 +274,7 @@ def _interactive(model_uid: str, endpoint: str | None, prompt: str | None, max_t
                     history.append({"role": "assistant", "content": answer})
                 else:
                     _stream_text(model.generate(text, stream=True, **params), chat=False)
-    except (XdaskError, OSError) as exc:
+    except _CLIENT_ERRORS as exc:
         _fail(exc)
 
 

@@ -46,6 +46,7 @@ def describe(record: dict[str, Any]) -> dict[str, Any]:
         "context_length": spec["context_length"],
         "replica": len(replicas),
         "state": record["state"],
+        "engine": replicas[0].get("engine") if replicas else None,
     }
 
 

@@ -59,7 +59,8 @@ class ModelActor:
             max_workers=max(1, self.engine.max_concurrency), thread_name_prefix=f"xdask-{uid}"
         )
         self._closed = False
-        self._in_flight = 0
+        self._in_flight = 0  # requests being streamed
+        self._generating = 0  # engine jobs still running (a cancelled one ends at its next token)
         install_stream_handler(get_worker())
         logger.info("Model %s loaded from %s with %s", uid, self.model_path, self.engine.describe())
 
@@ -69,6 +70,7 @@ class ModelActor:
             "model_uid": self.uid,
             "model_path": self.model_path,
             "in_flight": self._in_flight,
+            "generating": self._generating,
             **self.engine.describe(),
         }
 
@@ -97,7 +99,9 @@ class ModelActor:
             return cancelled.is_set()
 
         self._in_flight += 1
+        self._generating += 1
         job = loop.run_in_executor(self._pool, self.engine.generate, prompt, params, emit)
+        job.add_done_callback(self._job_done)
         try:
             while True:
                 waiter = asyncio.ensure_future(ready.wait())
@@ -116,9 +120,11 @@ class ModelActor:
         finally:
             cancelled.set()
             self._in_flight -= 1
-            if not job.done():
-                # The engine sees `cancelled` at its next token; don't wait for it.
-                job.add_done_callback(lambda f: f.exception())
+
+    def _job_done(self, job: asyncio.Future) -> None:
+        self._generating -= 1
+        if not job.cancelled():
+            job.exception()  # retrieved, so an abandoned job's error is not logged as lost
 
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
         """Whole answer for ``request``: ``{"text", "finish_reason", "usage"}``.

@@ -63,11 +63,6 @@ async def _shutdown_actor(dask_worker: Any, actor_key: str) -> bool:
     return await actor.shutdown()
 
 
-def _actor_present(dask_worker: Any, actor_key: str) -> bool:
-    """Run on the worker: whether the actor object is still held there."""
-    return actor_key in dask_worker.state.actors
-
-
 class Supervisor:
     """Control plane of xdask over one async Dask ``Client``."""
 
@@ -175,7 +170,8 @@ class Supervisor:
             workers=[placement.address], allow_other_workers=False, pure=False,
         )
         try:
-            await asyncio.wait_for(future, timeout=float(config.get("launch.timeout")))
+            actor = await asyncio.wait_for(future, timeout=float(config.get("launch.timeout")))
+            replica["engine"] = await actor.describe()
         except BaseException as exc:
             await self.client.scheduler.xdask_remove_model(uid=uid)
             future.cancel()
@@ -210,16 +206,10 @@ class Supervisor:
         self._cache.pop(uid, None)
         logger.info("Terminated %s", uid)
 
-    async def actor_present(self, uid_record: dict[str, Any]) -> bool:
-        """Whether any replica's actor object is still on its worker (for tests)."""
-        out = False
-        for rep in uid_record["replicas"]:
-            try:
-                res = await self.client.run(_actor_present, actor_key=rep["actor_key"], workers=[rep["address"]])
-            except (OSError, ValueError):
-                continue
-            out = out or any(res.values())
-        return out
+    async def terminate_all(self) -> None:
+        """Terminate every model (used when an embedded cluster shuts down)."""
+        for record in await self.list_models():
+            await self.terminate(record["model_uid"])
 
     # -- requests -----------------------------------------------------------
 

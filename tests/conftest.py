@@ -1,0 +1,122 @@
+"""Fixtures that start real processes: ``xdask-local`` and a Dask client to its scheduler.
+
+The server is one session-wide subprocess (starting it and loading the model
+takes seconds); tests that terminate models launch their own uids.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+DEFAULT_LAUNCH = {
+    "model_name": "gemma-3-270m",
+    "model_engine": "llama.cpp",
+    "model_format": "ggufv2",
+    "quantization": "Q4_K_M",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """A running ``xdask-local`` subprocess and what it printed."""
+
+    def __init__(self, home: Path, port: int | None = None, extra_env: dict[str, str] | None = None):
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "XDASK_HOME": str(home), **(extra_env or {})}
+        self.lines: list[str] = []
+        self.scheduler_address: str | None = None
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "xdask.cli_local", "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
+            start_new_session=True,
+        )
+        self._ready = threading.Event()
+        threading.Thread(target=self._drain, daemon=True).start()
+        if not self._ready.wait(120):
+            self.stop()
+            raise RuntimeError("xdask-local did not start:\n" + "".join(self.lines[-50:]))
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = re.search(r"Dask scheduler (tcp://[\d.:]+)", line)
+            if m:
+                self.scheduler_address = m.group(1)
+            if line.startswith("Press Ctrl-C"):
+                self._ready.set()
+        self._ready.set()
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def xdask_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("xdask-home")
+
+
+@pytest.fixture(scope="session")
+def server(xdask_home: Path) -> Iterator[LocalServer]:
+    srv = LocalServer(xdask_home)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def http(server: LocalServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.endpoint, timeout=300) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def default_model(http: httpx.Client) -> str:
+    """The default model under uid ``gemma``, launched once for the session."""
+    resp = http.post("/v1/models", json={**DEFAULT_LAUNCH, "model_uid": "gemma"})
+    assert resp.status_code == 200, resp.text
+    return resp.json()["model_uid"]
+
+
+@pytest.fixture(scope="session")
+def dask_client(server: LocalServer) -> Iterator[object]:
+    """A second, independent Dask client to the server's scheduler (to look inside workers)."""
+    from distributed import Client
+
+    assert server.scheduler_address
+    client = Client(server.scheduler_address, timeout=30)
+    yield client
+    client.close()
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
