@@ -113,6 +113,7 @@ def test_server_serves_each_backend(http, backend):
     resp = http.post("/v1/models", json={**DEFAULT_LAUNCH, "model_uid": uid, "llama_cpp_backend": backend})
     assert resp.status_code == 200, resp.text
     try:
+        assert http.get(f"/v1/models/{uid}").json()["engine"]["backend"] == backend
         out = http.post("/v1/completions", json={"model": uid, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 3,
                                                  "temperature": 0}).json()
         assert out["choices"][0]["text"].startswith(" 6")

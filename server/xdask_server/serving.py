@@ -104,11 +104,13 @@ class OpenAIServing:
         if isinstance(req, ChatCompletionRequest):
             return {
                 "kind": "chat",
+                "stream": req.stream,
                 "messages": [m.as_template_input() for m in req.messages],
                 "chat_template_kwargs": req.chat_template_kwargs or {},
                 "params": req.sampling_params(max_tokens),
             }
-        return {"kind": "completion", "prompt": req.prompt_text, "params": req.sampling_params(max_tokens)}
+        return {"kind": "completion", "stream": req.stream, "prompt": req.prompt_text,
+                "params": req.sampling_params(max_tokens)}
 
     async def _messages(self, uid: str, internal: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         deadline = float(config.get("server.request-timeout"))

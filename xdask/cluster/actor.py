@@ -74,11 +74,14 @@ class ModelActor:
             **self.engine.describe(),
         }
 
-    async def stream(self, request: dict[str, Any]) -> AsyncIterator[list[Delta]]:
+    async def stream(self, request: dict[str, Any], incremental: bool = True) -> AsyncIterator[list[Delta]]:
         """Generate for ``request``, yielding whatever deltas are ready each time.
 
-        Closing the iterator (``aclose``) tells the engine to stop at its next
-        token, so a client that hangs up stops using the model.
+        With ``incremental=False`` (a non-streamed HTTP request) the loop is
+        woken once, at the end, instead of once per token: on a small machine
+        those wake-ups steal CPU from the decode threads. Closing the iterator
+        (``aclose``) tells the engine to stop at its next token either way, so
+        a client that hangs up stops using the model.
         """
         if self._closed:
             raise ModelNotReadyError(f"Model {self.uid} is shutting down")
@@ -94,7 +97,7 @@ class ModelActor:
             with lock:
                 buffer.append(delta)
                 first = len(buffer) == 1
-            if first:  # one loop wake-up per batch, not per token
+            if first and incremental:  # one loop wake-up per batch, not per token
                 loop.call_soon_threadsafe(ready.set)
             return cancelled.is_set()
 
@@ -134,7 +137,7 @@ class ModelActor:
         """
         text: list[str] = []
         last = Delta(text="")
-        async for batch in self.stream(request):
+        async for batch in self.stream(request, incremental=False):
             for delta in batch:
                 text.append(delta.text)
                 if delta.finish_reason is not None:

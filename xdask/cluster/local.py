@@ -11,6 +11,7 @@ import logging
 import shutil
 import subprocess
 
+import dask.config
 from distributed import LocalCluster
 
 from xdask import config
@@ -34,6 +35,8 @@ async def start_local_cluster(
     n_workers: int | None = None, threads_per_worker: int | None = None, host: str = "127.0.0.1"
 ) -> LocalCluster:
     """Start the embedded cluster on ``host`` with random ports."""
+    # Worker processes inherit this process's dask config through their nanny.
+    dask.config.set({"distributed.worker.profile.enabled": bool(config.get("local.worker-profile"))})
     n_gpu = detect_gpu_count()
     resources = {"GPU": n_gpu} if n_gpu else None
     cluster = await LocalCluster(

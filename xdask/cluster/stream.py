@@ -12,6 +12,7 @@ Protocol on one comm, per request::
     server -> worker  {"op": "xdask_generate", "actor_key", "request", "reply": False}
     worker -> server  {"t": text, "f": finish_reason, "u": [prompt, completion]} ...
     worker -> server  {"end": True}            or {"error": {...}}
+                      (a non-streamed request gets one message: its text, usage and "end")
     server -> worker  {"ack": True}            the comm goes back to the pool
 
 Closing the comm before ``end`` cancels the generation on the worker.
@@ -20,6 +21,7 @@ Closing the comm before ``end`` cancels the generation on the worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -82,13 +84,27 @@ class StreamHandler:
     async def _pump(self, comm: Any, actor: Any, request: dict[str, Any], reader: asyncio.Future) -> None:
         from xdask.cluster.actor import error_payload
 
-        gen = actor.stream(request)
+        incremental = bool(request.get("stream", True))
+        gen = actor.stream(request, incremental=incremental)
+        held: list[Delta] = []  # non-incremental: everything goes out with "end"
         try:
-            async for batch in gen:
-                if reader.done():  # the server closed the comm: stop generating
+            while True:
+                step = asyncio.ensure_future(anext(gen))
+                await asyncio.wait({step, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():  # the server closed the comm: stop generating
+                    step.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await step
                     return
-                await comm.write(_merge(batch))
-            await comm.write({"end": True})
+                try:
+                    batch = step.result()
+                except StopAsyncIteration:
+                    break
+                if incremental:
+                    await comm.write(_merge(batch))
+                else:
+                    held.extend(batch)
+            await comm.write({**_merge(held), "end": True} if held else {"end": True})
         except (CommClosedError, OSError):
             raise
         except Exception as exc:  # the engine's error, reported to the server
@@ -145,6 +161,8 @@ async def open_stream(pool: Any, address: str, actor_key: str, request: dict[str
             if msg.get("end"):
                 await comm.write({"ack": True})
                 clean = True
+                if "t" in msg:
+                    yield msg
                 return
             yield msg
     except (CommClosedError, OSError) as exc:

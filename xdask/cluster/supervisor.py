@@ -63,6 +63,11 @@ async def _shutdown_actor(dask_worker: Any, actor_key: str) -> bool:
     return await actor.shutdown()
 
 
+async def _describe_actor(dask_worker: Any, actor_key: str) -> dict[str, Any]:
+    """Run on the worker: the actor's own description (engine, backend, slots)."""
+    return await dask_worker.state.actors[actor_key].describe()
+
+
 class Supervisor:
     """Control plane of xdask over one async Dask ``Client``."""
 
@@ -170,8 +175,9 @@ class Supervisor:
             workers=[placement.address], allow_other_workers=False, pure=False,
         )
         try:
-            actor = await asyncio.wait_for(future, timeout=float(config.get("launch.timeout")))
-            replica["engine"] = await actor.describe()
+            await asyncio.wait_for(future, timeout=float(config.get("launch.timeout")))
+            described = await self.client.run(_describe_actor, actor_key=key, workers=[placement.address])
+            replica["engine"] = described[placement.address]
         except BaseException as exc:
             await self.client.scheduler.xdask_remove_model(uid=uid)
             future.cancel()
