@@ -91,7 +91,7 @@ def test_absurd_content_length_is_refused_unread(server, default_model):
 
 
 def test_server_still_answers_after_bad_input(http, default_model):
-    for name, method, path, body, status in CASES:
+    for _name, method, path, body, _status in CASES:
         content = json.dumps(body).encode() if isinstance(body, dict) else body
         http.request(method, path, content=content)
     resp = http.post("/v1/chat/completions", json={**GOOD_CHAT, "max_tokens": 8})

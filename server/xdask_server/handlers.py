@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 import pydantic
-from tornado import httputil, web
+from tornado import web
 from tornado.iostream import StreamClosedError
 
 from xdask import config

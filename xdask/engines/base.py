@@ -38,6 +38,11 @@ class SamplingParams:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
 
+    def optional_fields(self, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The optional settings that were given, by OpenAI name (for engine calls)."""
+        names = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
+        return {n: getattr(self, n) for n in names if n not in exclude and getattr(self, n) is not None}
+
 
 @dataclass
 class Delta:

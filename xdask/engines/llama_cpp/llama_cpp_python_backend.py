@@ -11,7 +11,7 @@ import threading
 from typing import Any, ClassVar
 
 from xdask.engines.base import Delta, Emit, SamplingParams
-from xdask.engines.llama_cpp.options import LlamaCppOptions
+from xdask.engines.llama_cpp.options import GGUFEngineBase, LlamaCppOptions
 from xdask.errors import GenerationError, InvalidRequestError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class _FifoLock:
             self._cond.notify_all()
 
 
-class LlamaCppPythonEngine:
+class LlamaCppPythonEngine(GGUFEngineBase):
     """A GGUF model served by llama-cpp-python's ``Llama``.
 
     Examples
@@ -50,15 +50,11 @@ class LlamaCppPythonEngine:
     >>> eng.generate("Hello", SamplingParams(max_tokens=8), print)
     """
 
-    name: ClassVar[str] = "llama.cpp"
     backend: ClassVar[str] = "llama-cpp-python"
-    adds_bos = True
 
     def __init__(self, model_path: str, options: LlamaCppOptions):
-        self.model_path = model_path
-        self.options = options
         # The actor may hand over many requests at once; they wait in _queue.
-        self.max_concurrency = 64
+        super().__init__(model_path, options, max_concurrency=64)
         self._llm: Any = None
         self._queue = _FifoLock()
 
@@ -92,14 +88,7 @@ class LlamaCppPythonEngine:
                 "stop": list(params.stop) or None,
                 "stream": True,
             }
-            if params.top_p is not None:
-                kwargs["top_p"] = params.top_p
-            if params.seed is not None:
-                kwargs["seed"] = params.seed
-            if params.presence_penalty is not None:
-                kwargs["presence_penalty"] = params.presence_penalty
-            if params.frequency_penalty is not None:
-                kwargs["frequency_penalty"] = params.frequency_penalty
+            kwargs.update(params.optional_fields(exclude=("temperature",)))
             completion_tokens = 0
             finish: str | None = None
             stream = llm.create_completion(prompt, **kwargs)
@@ -132,12 +121,3 @@ class LlamaCppPythonEngine:
             llm, self._llm = self._llm, None
         if llm is not None:
             llm.close()
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "engine": self.name,
-            "backend": self.backend,
-            "n_ctx": self.options.n_ctx,
-            "n_parallel": 1,
-            "n_threads": self.options.n_threads,
-        }

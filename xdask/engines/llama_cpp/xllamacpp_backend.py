@@ -11,13 +11,13 @@ import logging
 from typing import Any, ClassVar
 
 from xdask.engines.base import Delta, Emit, SamplingParams
-from xdask.engines.llama_cpp.options import LlamaCppOptions
+from xdask.engines.llama_cpp.options import GGUFEngineBase, LlamaCppOptions
 from xdask.errors import GenerationError, InvalidRequestError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
 
-class XllamacppEngine:
+class XllamacppEngine(GGUFEngineBase):
     """A GGUF model served by xllamacpp's in-process llama.cpp server.
 
     Examples
@@ -27,14 +27,10 @@ class XllamacppEngine:
     >>> eng.generate("Hello", SamplingParams(max_tokens=8), print)
     """
 
-    name: ClassVar[str] = "llama.cpp"
     backend: ClassVar[str] = "xllamacpp"
-    adds_bos = True
 
     def __init__(self, model_path: str, options: LlamaCppOptions):
-        self.model_path = model_path
-        self.options = options
-        self.max_concurrency = options.n_parallel
+        super().__init__(model_path, options, max_concurrency=options.n_parallel)
         self._server: Any = None
 
     def load(self) -> None:
@@ -65,10 +61,7 @@ class XllamacppEngine:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        for key in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
-            value = getattr(params, key)
-            if value is not None:
-                request[key] = value
+        request.update(params.optional_fields())
         if params.stop:
             request["stop"] = list(params.stop)
         error: dict[str, Any] = {}
@@ -101,12 +94,3 @@ class XllamacppEngine:
     def close(self) -> None:
         # Dropping the last reference stops llama.cpp's loop and frees the model.
         self._server = None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "engine": self.name,
-            "backend": self.backend,
-            "n_ctx": self.options.n_ctx,
-            "n_parallel": self.options.n_parallel,
-            "n_threads": self.options.n_threads,
-        }
