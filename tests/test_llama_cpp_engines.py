@@ -35,9 +35,10 @@ def require(backend: str) -> None:
 
 @pytest.fixture(scope="module")
 def gguf_path(tmp_path_factory) -> str:
-    os.environ.setdefault("XDASK_HOME", str(tmp_path_factory.mktemp("home")))
-    resolved = resolve("gemma-3-270m", "ggufv2", None, "Q4_K_M")
-    return str(locate_model(resolved))
+    import dask.config
+
+    with dask.config.set({"xdask.home": str(tmp_path_factory.mktemp("home"))}):
+        return str(locate_model(resolve("gemma-3-270m", "ggufv2", None, "Q4_K_M")))
 
 
 @pytest.fixture(scope="module", params=["xllamacpp", "llama-cpp-python"])

@@ -340,6 +340,10 @@ def demo(question: str, port: int | None) -> None:
             _stream_text(model.chat(question, stream=True, max_tokens=64, temperature=0.0), chat=True)
             reply = model.chat(question, max_tokens=64, temperature=0.0)
             click.echo(f"usage: {reply['usage']}")
+            # The packaged Gemma 3 270M is the base model: it continues text better than it chats.
+            prompt = "The capital of France is"
+            click.echo(f"completion: {prompt}", nl=False)
+            _stream_text(model.generate(prompt, stream=True, max_tokens=16, temperature=0.0), chat=False)
             client.terminate_model(uid)
         click.echo(f"Demo done in {time.monotonic() - started:.1f} s from a cold start.")
     finally:
