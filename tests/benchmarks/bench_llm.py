@@ -155,13 +155,11 @@ async def http_throughput(url: str, uid: str, concurrency: int, n_requests: int)
 # -- driver --------------------------------------------------------------------------
 
 
-def p50_latency(complete: Callable[[str, int], int], max_tokens: int, n: int, offset: int) -> list[float]:
-    out = []
-    for i in range(n):
-        t = time.perf_counter()
-        complete(PROMPTS[(i + offset) % len(PROMPTS)], max_tokens)
-        out.append(time.perf_counter() - t)
-    return out
+def timed(complete: Callable[[str, int], int], prompt: str, max_tokens: int) -> float:
+    """Seconds one request takes."""
+    start = time.perf_counter()
+    complete(prompt, max_tokens)
+    return time.perf_counter() - start
 
 
 def bench_backend(backend: str, path: str, rounds: int, concurrencies: list[int]) -> dict[str, Any]:
@@ -185,9 +183,10 @@ def bench_backend(backend: str, path: str, rounds: int, concurrencies: list[int]
             a_complete(PROMPTS[0], 4), b_complete(PROMPTS[0], 4)
             lat: dict[tuple[str, int], list[float]] = {}
             for max_tokens, n in ((1, 10 * rounds), (MAX_TOKENS, 3 * rounds)):
-                for i in range(n):  # interleaved: a, b, a, b, ...
-                    lat.setdefault(("a", max_tokens), []).extend(p50_latency(a_complete, max_tokens, 1, i))
-                    lat.setdefault(("b", max_tokens), []).extend(p50_latency(b_complete, max_tokens, 1, i))
+                for i in range(n):  # interleaved: a, b, a, b, ... on the same prompts
+                    prompt = PROMPTS[i % len(PROMPTS)]
+                    lat.setdefault(("a", max_tokens), []).append(timed(a_complete, prompt, max_tokens))
+                    lat.setdefault(("b", max_tokens), []).append(timed(b_complete, prompt, max_tokens))
             tput: dict[tuple[str, int], float] = {}
             for c in concurrencies:
                 n_requests = max(c, 4) * rounds

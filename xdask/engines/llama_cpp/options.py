@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from xdask import config
 
@@ -34,25 +34,3 @@ class LlamaCppOptions:
         n_gpu_layers = int(kwargs.pop("n_gpu_layers", -1))
         return cls(n_ctx=n_ctx, n_parallel=n_parallel, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
 
-
-class GGUFEngineBase:
-    """What both llama.cpp backends share: the file, the options, ``describe``."""
-
-    name: ClassVar[str] = "llama.cpp"
-    backend: ClassVar[str]
-    #: llama.cpp adds BOS when it tokenizes a prompt.
-    adds_bos = True
-
-    def __init__(self, model_path: str, options: LlamaCppOptions, max_concurrency: int):
-        self.model_path = model_path
-        self.options = options
-        self.max_concurrency = max_concurrency
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "engine": self.name,
-            "backend": self.backend,
-            "n_ctx": self.options.n_ctx,
-            "n_parallel": self.options.n_parallel,
-            "n_threads": self.options.n_threads,
-        }

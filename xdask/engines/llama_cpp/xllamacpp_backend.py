@@ -11,7 +11,8 @@ import logging
 from typing import Any, ClassVar
 
 from xdask.engines.base import Delta, Emit, SamplingParams
-from xdask.engines.llama_cpp.options import GGUFEngineBase, LlamaCppOptions
+from xdask.engines.llama_cpp.gguf_engine import GGUFEngineBase
+from xdask.engines.llama_cpp.options import LlamaCppOptions
 from xdask.errors import GenerationError, InvalidRequestError, ModelLoadError
 
 logger = logging.getLogger(__name__)
