@@ -88,3 +88,25 @@ def test_registrations(http):
     assert one["model_specs"][0]["quantizations"] == ["Q4_K_M"]
     assert http.get("/v1/model_registrations/LLM/nope").status_code == 404
     assert http.get("/v1/model_registrations/nonsense").status_code == 400
+
+
+def test_embedded_workers_run_with_quiet_dask_timers(dask_client) -> None:
+    """xdask.local.dask-config reaches the worker processes through their nanny.
+
+    Dask's profiler and fast timers cost decode speed on small machines (README
+    benchmark); a worker that did not get the settings would silently be slower.
+    """
+    import dask.config
+
+    from xdask import config
+
+    wanted = dict(config.get("local.dask-config"))
+    seen = dask_client.run(lambda: {key: dask.config.get(key) for key in wanted})
+    assert seen, "no workers"
+    for worker, values in seen.items():
+        assert values == wanted, worker
+    assert dask_client.run_on_scheduler(lambda: dask.config.get("distributed.admin.tick.interval")) == "1s"
+    # Dask's nanny would set these for the worker; an engine needs its threads and glibc's own trimming.
+    leaked = dask_client.run(lambda: {k: v for k, v in __import__("os").environ.items()
+                                      if k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
+    assert all(not env for env in leaked.values()), leaked

@@ -162,7 +162,7 @@ def timed(complete: Callable[[str, int], int], prompt: str, max_tokens: int) -> 
     return time.perf_counter() - start
 
 
-def bench_backend(backend: str, path: str, rounds: int, concurrencies: list[int]) -> dict[str, Any]:
+def bench_backend(backend: str, path: str, rounds: int, concurrencies: list[int], samples: int) -> dict[str, Any]:
     n_parallel = int(config.get("llama-cpp.n-parallel")) if backend == "xllamacpp" else 1
     n_ctx = int(config.get("llama-cpp.n-ctx-per-slot")) * n_parallel
     home = tempfile.mkdtemp(prefix="xdask-bench-")
@@ -182,7 +182,7 @@ def bench_backend(backend: str, path: str, rounds: int, concurrencies: list[int]
             # Warm both (first decode allocates buffers).
             a_complete(PROMPTS[0], 4), b_complete(PROMPTS[0], 4)
             lat: dict[tuple[str, int], list[float]] = {}
-            for max_tokens, n in ((1, 10 * rounds), (MAX_TOKENS, 3 * rounds)):
+            for max_tokens, n in ((1, 3 * samples * rounds), (MAX_TOKENS, samples * rounds)):
                 for i in range(n):  # interleaved: a, b, a, b, ... on the same prompts
                     prompt = PROMPTS[i % len(PROMPTS)]
                     lat.setdefault(("a", max_tokens), []).append(timed(a_complete, prompt, max_tokens))
@@ -203,6 +203,8 @@ def main() -> None:
     parser.add_argument("--backends", default=",".join(MODULES))
     parser.add_argument("--rounds", type=int, default=2, help="more rounds, less noise, more minutes")
     parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--samples", type=int, default=8,
+                        help="64-token latency samples per round and side (3x as many 1-token ones)")
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     os.environ.setdefault("XDASK_HOME", tempfile.mkdtemp(prefix="xdask-bench-home-"))
@@ -212,7 +214,7 @@ def main() -> None:
         if importlib.util.find_spec(MODULES[backend]) is None:
             print(f"{backend}: not installed, skipped\n")
             continue
-        res = bench_backend(backend, path, args.rounds, concurrencies)
+        res = bench_backend(backend, path, args.rounds, concurrencies, args.samples)
         lat, tput = res["lat"], res["tput"]
         print(f"== {backend}")
         print(f"{'':34}{'a: in-process':>15}{'b: xdask HTTP':>15}{'b - a / b/a':>14}")

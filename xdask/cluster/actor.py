@@ -85,7 +85,7 @@ class ModelActor:
         """
         if self._closed:
             raise ModelNotReadyError(f"Model {self.uid} is shutting down")
-        prompt = build_prompt(self.resolved.family, request, self.engine.adds_bos)
+        prompt = build_prompt(self.resolved.family, request, self.engine)
         params = build_params(self.resolved.family, request)
         loop = asyncio.get_running_loop()
         buffer: list[Delta] = []

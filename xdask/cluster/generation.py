@@ -10,14 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from xdask.engines.base import SamplingParams
+from xdask.engines.base import Engine, SamplingParams
 from xdask.errors import InvalidRequestError
 from xdask.registry.chat_template import render_chat
 from xdask.registry.specs import LLMFamily
 
 
-def build_prompt(family: LLMFamily, request: dict[str, Any], adds_bos: bool) -> str:
-    """The engine prompt for a chat or completion request."""
+def build_prompt(family: LLMFamily, request: dict[str, Any], engine: Engine) -> str:
+    """The engine prompt for a chat or completion request.
+
+    The family's template wins (it is what we tested); else the one in the
+    model files. BOS is rendered only when the engine's tokenizer does not
+    add it itself, so a prompt never starts with two.
+    """
     kind = request.get("kind")
     if kind == "completion":
         return str(request["prompt"])
@@ -25,12 +30,18 @@ def build_prompt(family: LLMFamily, request: dict[str, Any], adds_bos: bool) -> 
         raise InvalidRequestError(f"unknown request kind {kind!r}")
     if "chat" not in family.model_ability:
         raise InvalidRequestError(f"Model family {family.model_name!r} cannot chat; use /v1/completions")
-    if not family.chat_template:
-        raise InvalidRequestError(f"Model family {family.model_name!r} has no chat template")
+    template = family.chat_template or engine.chat_template
+    if not template:
+        raise InvalidRequestError(
+            f"Model {family.model_name!r} has no chat template (neither its family spec nor its files carry one); "
+            "use /v1/completions"
+        )
+    tokens = engine.special_tokens
     return render_chat(
-        family.chat_template,
+        template,
         request["messages"],
-        bos_token="" if adds_bos else "<bos>",
+        bos_token="" if engine.adds_bos else tokens.get("bos_token", ""),
+        eos_token=tokens.get("eos_token", ""),
         **(request.get("chat_template_kwargs") or {}),
     )
 

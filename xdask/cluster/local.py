@@ -36,7 +36,7 @@ async def start_local_cluster(
 ) -> LocalCluster:
     """Start the embedded cluster on ``host`` with random ports."""
     # Worker processes inherit this process's dask config through their nanny.
-    dask.config.set({"distributed.worker.profile.enabled": bool(config.get("local.worker-profile"))})
+    dask.config.set(dict(config.get("local.dask-config") or {}))
     n_gpu = detect_gpu_count()
     resources = {"GPU": n_gpu} if n_gpu else None
     cluster = await LocalCluster(

@@ -14,6 +14,8 @@ Examples
 ...     name = "echo"
 ...     adds_bos = False
 ...     max_concurrency = 4
+...     chat_template = None
+...     special_tokens = {}
 ...     def load(self): ...
 ...     def generate(self, prompt, params, emit):
 ...         emit(Delta(text=prompt, finish_reason="stop", prompt_tokens=1, completion_tokens=1))
@@ -67,6 +69,11 @@ class Engine(Protocol):
     adds_bos: bool
     #: How many requests the engine serves at once; more wait in its queue.
     max_concurrency: int
+    #: The chat template found in the model files (tokenizer_config.json, GGUF
+    #: metadata), used when the family spec carries none; None if there is none.
+    chat_template: str | None
+    #: Special tokens a chat template may name (``bos_token``, ``eos_token``).
+    special_tokens: dict[str, str]
 
     def load(self) -> None:
         """Load weights; raise ``ModelLoadError`` with the engine's reason."""
