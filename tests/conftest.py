@@ -113,6 +113,30 @@ def dask_client(server: LocalServer) -> Iterator[object]:
     client.close()
 
 
+@pytest.fixture(scope="session")
+def oai(server: LocalServer):
+    """The official ``openai`` client against the server."""
+    import openai
+
+    with openai.OpenAI(base_url=f"{server.endpoint}/v1", api_key="unused", max_retries=0, timeout=300) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Qwen2 model (HF safetensors + tokenizer + ChatML), built offline once."""
+    pytest.importorskip("transformers", reason="building the tiny model needs transformers and torch")
+    from tiny_models import build_tiny_qwen2
+
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+def engine_required(engine: str) -> bool:
+    """CI lists the engines it installed in XDASK_TEST_REQUIRE_ENGINES: missing ones fail there."""
+    wanted = os.environ.get("XDASK_TEST_REQUIRE_ENGINES", "")
+    return engine in {e.strip() for e in wanted.split(",") if e.strip()}
+
+
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -136,10 +136,41 @@ def serve(scheduler: str, host: str | None, port: int | None, log_level: str) ->
     asyncio.run(run())
 
 
-@main.command()
+def _parse_value(value: str) -> Any:
+    """A CLI option value as JSON when it parses (numbers, true/false), else the string."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _passthrough(args: list[str]) -> dict[str, Any]:
+    """Unknown ``--key value`` / ``--flag`` pairs after ``launch``: engine options, as in Xinference."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise click.UsageError(f"unexpected argument {arg!r}; engine options look like --name value")
+        key, sep, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if sep:
+            out[key] = _parse_value(value)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[key] = _parse_value(args[i + 1])
+            i += 2
+        else:
+            out[key] = True
+            i += 1
+    return out
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @endpoint_option
 @click.option("--model-name", "-n", required=True, help="Registered model family, e.g. gemma-3-270m.")
-@click.option("--model-engine", default=None, help="Engine, e.g. llama.cpp.")
+@click.option("--model-engine", "-en", default=None,
+              help="Engine: llama.cpp, transformers, vllm, sglang, mlx (default: chosen for the model and host).")
 @click.option("--model-format", "-f", default=None, help="Format, e.g. ggufv2.")
 @click.option("--size-in-billions", "-s", default=None, help="Model size in billions.")
 @click.option("--quantization", "-q", default=None, help="Quantization, e.g. Q4_K_M.")
@@ -148,19 +179,23 @@ def serve(scheduler: str, host: str | None, port: int | None, log_level: str) ->
 @click.option("--n-gpu", default="auto", show_default=True, help="GPUs per replica: a number, auto or none.")
 @click.option("--model-path", default=None, help="Local weights instead of the catalog's sources.")
 @click.option("--kwarg", "kwargs", multiple=True, metavar="KEY=VALUE", help="Engine option, e.g. n_parallel=8.")
-def launch(endpoint: str | None, model_name: str, model_engine: str | None, model_format: str | None,
-           size_in_billions: str | None, quantization: str | None, model_uid: str | None, model_type: str,
-           n_gpu: str, model_path: str | None, kwargs: tuple[str, ...]) -> None:
-    """Launch a model; prints its uid when it is ready."""
-    extra: dict[str, Any] = {}
+@click.pass_context
+def launch(ctx: click.Context, endpoint: str | None, model_name: str, model_engine: str | None,
+           model_format: str | None, size_in_billions: str | None, quantization: str | None,
+           model_uid: str | None, model_type: str, n_gpu: str, model_path: str | None,
+           kwargs: tuple[str, ...]) -> None:
+    """Launch a model; prints its uid and engine when it is ready.
+
+    Any other ``--name value`` is an engine option passed through, e.g.
+    ``--n_ctx 4096`` or ``--gpu_memory_utilization 0.9``; the engine rejects
+    names it does not know.
+    """
+    extra: dict[str, Any] = _passthrough(list(ctx.args))
     for item in kwargs:
         key, sep, value = item.partition("=")
         if not sep:
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--kwarg")
-        try:
-            extra[key] = json.loads(value)
-        except ValueError:
-            extra[key] = value
+        extra[key] = _parse_value(value)
     n_gpu_value: Any = None if n_gpu.lower() == "none" else (n_gpu if n_gpu == "auto" else int(n_gpu))
     try:
         with _client(endpoint) as client:
@@ -170,9 +205,48 @@ def launch(endpoint: str | None, model_name: str, model_engine: str | None, mode
                 model_size_in_billions=size_in_billions, model_format=model_format,
                 quantization=quantization, n_gpu=n_gpu_value, model_path=model_path, **extra,
             )
+            engine = client.describe_model(uid).get("model_engine")
     except _CLIENT_ERRORS as exc:
         _fail(exc)
-    click.echo(f"Model uid: {uid}  (ready in {time.monotonic() - started:.1f} s)")
+    how = "" if model_engine else " (chosen automatically)"
+    click.echo(f"Model uid: {uid}  engine: {engine}{how}  (ready in {time.monotonic() - started:.1f} s)")
+
+
+@main.command()
+@endpoint_option
+@click.option("--model-name", "-n", required=True, help="Registered model family.")
+@click.option("--model-engine", "-en", default=None, help="Only this engine.")
+@click.option("--model-format", "-f", default=None, help="Only this format.")
+@click.option("--all", "show_all", is_flag=True, help="Also list combinations that cannot run here, with why.")
+def engine(endpoint: str | None, model_name: str, model_engine: str | None, model_format: str | None,
+           show_all: bool) -> None:
+    """Which (engine, format, size, quantization) combinations of a model can run on this cluster."""
+    from rich.console import Console
+    from rich.table import Table
+
+    try:
+        with _client(endpoint) as client:
+            matrix = client.query_engines(model_name)
+    except _CLIENT_ERRORS as exc:
+        _fail(exc)
+    table = Table("Engine", "Format", "Size (B)", "Quantizations", "Runs here", *(["Why not"] if show_all else []))
+    shown = 0
+    for name, rows in matrix.items():
+        if model_engine and name.lower() != model_engine.lower():
+            continue
+        for row in rows:
+            if model_format and row["model_format"] != model_format:
+                continue
+            if not row["available"] and not show_all:
+                continue
+            cells = [name, row["model_format"], str(row["model_size_in_billions"]), ", ".join(row["quantizations"]),
+                     "yes" if row["available"] else "no"]
+            table.add_row(*cells, *([row.get("reason", "")] if show_all else []))
+            shown += 1
+    Console(width=200).print(table)
+    if not shown:
+        click.echo("No combination runs here" + ("" if show_all else "; --all shows why."), err=True)
+        sys.exit(1)
 
 
 @main.command(name="list")

@@ -167,6 +167,10 @@ class Client:
     def terminate_model(self, model_uid: str) -> None:
         self._request("DELETE", f"/v1/models/{model_uid}")
 
+    def query_engines(self, model_name: str) -> dict[str, list[dict[str, Any]]]:
+        """Engine -> the specs of ``model_name`` it can run on the cluster (``available``, else ``reason``)."""
+        return self._request("GET", f"/v1/engines/{model_name}")
+
     def list_model_registrations(self, model_type: str = "LLM", detailed: bool = False) -> list[dict[str, Any]]:
         return self._request(
             "GET", f"/v1/model_registrations/{model_type}", params={"detailed": str(detailed).lower()}

@@ -23,6 +23,7 @@ def make_app(supervisor: Supervisor) -> web.Application:
         (r"/v1/completions", h.CompletionsHandler),
         (r"/v1/models", h.ModelsHandler),
         (rf"/v1/models/{_UID}", h.ModelHandler),
+        (r"/v1/engines/([^/]+)", h.EnginesHandler),
         (r"/v1/model_registrations/([^/]+)", h.RegistrationsHandler),
         (r"/v1/model_registrations/([^/]+)/([^/]+)", h.RegistrationsHandler),
         (r"/v1/cluster/auth", h.ClusterAuthHandler),

@@ -196,7 +196,15 @@ class ModelsHandler(BodyHandler):
     async def post(self) -> None:
         req = self.parse(LaunchModelRequest)
         uid = await self.supervisor.launch(req.to_launch_dict())
-        self.write_json({"model_uid": uid})
+        record = await self.supervisor.get_model(uid)
+        self.write_json({"model_uid": uid, "model_engine": record["spec"]["model_engine"]})
+
+
+class EnginesHandler(BaseHandler):
+    """``GET /v1/engines/{model_name}``: engine -> specs it can run on this cluster (or why not)."""
+
+    async def get(self, model_name: str) -> None:
+        self.write_json(await self.supervisor.engine_matrix(model_name))
 
 
 class ModelHandler(BaseHandler):

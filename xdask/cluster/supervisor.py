@@ -32,6 +32,7 @@ from xdask.cluster.placement import choose_worker
 from xdask.cluster.registry_plugin import ModelRegistry
 from xdask.cluster.stream import open_stream
 from xdask.engines import check_engine
+from xdask.engines.matrix import collect_host_facts, family_matrix, why_not
 from xdask.errors import (
     ConflictError,
     InvalidRequestError,
@@ -41,7 +42,7 @@ from xdask.errors import (
     WorkerLostError,
     XdaskError,
 )
-from xdask.registry import resolve
+from xdask.registry import get_family, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class Supervisor:
         self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
         self._round_robin = itertools.count()
         self._ttl = 2.0
+        self._hosts: tuple[float, dict[str, dict[str, Any]]] | None = None
+        self._hosts_ttl = 30.0
 
     @classmethod
     async def connect(cls, address: str | Any) -> "Supervisor":
@@ -106,6 +109,23 @@ class Supervisor:
             return hit[1]
         return await self.get_model(uid)
 
+    # -- engines -------------------------------------------------------------
+
+    async def host_facts(self, refresh: bool = False) -> dict[str, dict[str, Any]]:
+        """Each worker's platform, GPUs and engine packages (cached for 30 s)."""
+        now = time.monotonic()
+        if not refresh and self._hosts is not None and now - self._hosts[0] < self._hosts_ttl:
+            return self._hosts[1]
+        facts = await self.client.run(collect_host_facts, on_error="return")
+        hosts = {addr: f for addr, f in facts.items() if isinstance(f, dict)}
+        self._hosts = (now, hosts)
+        return hosts
+
+    async def engine_matrix(self, model_name: str) -> dict[str, list[dict[str, Any]]]:
+        """``GET /v1/engines/{model_name}``: which engine runs which spec here, or why not."""
+        family = get_family(model_name)
+        return family_matrix(family, list((await self.host_facts()).values()))
+
     # -- launch / terminate ----------------------------------------------
 
     async def launch(self, request: dict[str, Any]) -> str:
@@ -122,7 +142,8 @@ class Supervisor:
             request.get("model_size_in_billions"),
             request.get("quantization"),
         )
-        engine = check_engine(resolved, request.get("model_engine"))
+        hosts = await self.host_facts()
+        engine = check_engine(resolved, request.get("model_engine"), list(hosts.values()))
         if int(request.get("replica") or 1) != 1:
             raise InvalidRequestError("replica > 1 is not supported yet", param="replica")
         uid = request.get("model_uid") or model_name
@@ -132,7 +153,12 @@ class Supervisor:
             gpu_idx = [gpu_idx]
 
         identity = await self.client.scheduler.identity()
-        workers = identity.get("workers", {})
+        fmt = resolved.spec.model_format
+        # Only workers where the engine is installed and runs (FACTS: the server may have none).
+        workers = {
+            addr: w for addr, w in identity.get("workers", {}).items()
+            if addr not in hosts or why_not(engine, fmt, hosts[addr]) is None
+        }
         records = await self.list_models()
         per_worker: dict[str, int] = {}
         for rec in records:

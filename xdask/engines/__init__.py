@@ -1,48 +1,85 @@
-"""Inference engines behind one ``Engine`` protocol, chosen per model spec.
+"""Inference engines behind one ``Engine`` protocol, chosen per model spec and host.
 
 Engines are imported lazily: a worker needs only the engine it runs, and the
-server (which runs none) imports none of them.
+server (which runs none) imports none of them. Which engine can run what,
+and why not, is in ``xdask.engines.matrix``.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from xdask.engines.base import Delta, Emit, Engine, SamplingParams
-from xdask.errors import EngineUnavailableError
+from xdask.engines.matrix import ENGINES, canonical_engine, choose, why_not
+from xdask.errors import EngineUnavailableError, InvalidRequestError
 from xdask.registry.specs import ResolvedModel
 
 #: Engine name -> the model formats it loads.
-ENGINE_FORMATS: dict[str, tuple[str, ...]] = {
-    "llama.cpp": ("ggufv2", "gguf"),
+ENGINE_FORMATS: dict[str, tuple[str, ...]] = {name: info.formats for name, info in ENGINES.items()}
+
+#: Engine name -> module with ``make_engine(model_path, context_length, kwargs)``.
+_ENGINE_MODULES = {
+    "transformers": "xdask.engines.transformers",
+    "vllm": "xdask.engines.vllm_engine",
+    "sglang": "xdask.engines.sglang_engine",
+    "mlx": "xdask.engines.mlx_engine",
 }
 
 
 def engines_for(resolved: ResolvedModel) -> list[str]:
-    """Engine names that can load this spec's format."""
+    """Engine names that can load this spec's format (installed or not)."""
     fmt = resolved.spec.model_format
     return [name for name, formats in ENGINE_FORMATS.items() if fmt in formats]
 
 
-def check_engine(resolved: ResolvedModel, model_engine: str | None) -> str:
-    """Validate (or pick) the engine for a launch; 400 if it cannot run the spec."""
-    candidates = engines_for(resolved)
-    if model_engine is None:
-        if not candidates:
-            raise EngineUnavailableError(f"No engine loads format {resolved.spec.model_format!r}")
-        return candidates[0]
-    normalized = {"llama-cpp": "llama.cpp", "llamacpp": "llama.cpp", "llama_cpp": "llama.cpp"}.get(
-        model_engine.lower(), model_engine
+def _alternatives(resolved: ResolvedModel, hosts: list[dict[str, Any]]) -> str:
+    """The (engine, format) pairs of this family that would run on these hosts."""
+    pairs = sorted(
+        {
+            f"{engine} + {spec.model_format}"
+            for spec in resolved.family.model_specs
+            for engine in ENGINES
+            if any(why_not(engine, spec.model_format, h) is None for h in hosts)
+        }
     )
-    if normalized not in ENGINE_FORMATS:
+    return f" Combinations of {resolved.family.model_name} that can run here: {', '.join(pairs) or 'none'}."
+
+
+def check_engine(resolved: ResolvedModel, model_engine: str | None, hosts: list[dict[str, Any]]) -> str:
+    """Validate (or pick) the engine for a launch; 400 with the reason if it cannot run.
+
+    ``hosts`` are the workers' host facts (``matrix.collect_host_facts``);
+    the engine must be able to run on at least one of them.
+    """
+    fmt = resolved.spec.model_format
+    if not hosts:
+        raise EngineUnavailableError("The cluster has no workers to run a model on")
+    if model_engine is None:
+        for host in hosts:
+            engine, _ = choose(fmt, host)
+            if engine is not None:
+                return engine
+        _, reasons = choose(fmt, hosts[0])
+        detail = "; ".join(reasons.values())
         raise EngineUnavailableError(
-            f"Unknown engine {model_engine!r}; known engines: {', '.join(ENGINE_FORMATS)}", param="model_engine"
+            f"No engine can run {resolved.family.model_name} ({fmt}) on this cluster: {detail}."
+            + _alternatives(resolved, hosts),
+            param="model_engine",
         )
-    if normalized not in candidates:
+    engine = canonical_engine(model_engine)
+    if engine is None:
         raise EngineUnavailableError(
-            f"Engine {normalized!r} cannot load format {resolved.spec.model_format!r}", param="model_engine"
+            f"Unknown engine {model_engine!r}; known engines: {', '.join(ENGINES)}", param="model_engine"
         )
-    return normalized
+    reasons = [why_not(engine, fmt, h) for h in hosts]
+    if all(r is not None for r in reasons):
+        raise EngineUnavailableError(
+            f"Model {resolved.family.model_name} ({fmt}) cannot run on engine {engine}: {reasons[0]}."
+            + _alternatives(resolved, hosts),
+            param="model_engine",
+        )
+    return engine
 
 
 def create_engine(
@@ -58,13 +95,23 @@ def create_engine(
         options = LlamaCppOptions.build(
             resolved.family.context_length, kwargs, batching=(backend == "xllamacpp")
         )
+        if kwargs:  # build() took the ones it knows
+            raise InvalidRequestError(
+                f"Invalid llama.cpp options: unknown option(s) {', '.join(map(repr, sorted(kwargs)))}. "
+                "Options llama.cpp accepts: llama_cpp_backend, n_ctx, n_gpu_layers, n_parallel, n_threads",
+                param="engine_kwargs", code="invalid_engine_option",
+            )
         return make_engine(model_path, backend, {"options": options})
-    raise EngineUnavailableError(f"Unknown engine {model_engine!r}")
+    module_name = _ENGINE_MODULES.get(model_engine)
+    if module_name is None:
+        raise EngineUnavailableError(f"Unknown engine {model_engine!r}")
+    module = importlib.import_module(module_name)
+    return module.make_engine(model_path, resolved.family.context_length, kwargs)
 
 
 __all__ = [
-    "Delta",
     "ENGINE_FORMATS",
+    "Delta",
     "Emit",
     "Engine",
     "SamplingParams",

@@ -2,33 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any, ClassVar
 
+from xdask.engines.gguf_meta import gguf_chat_template
 from xdask.engines.llama_cpp.options import LlamaCppOptions
-
-logger = logging.getLogger(__name__)
-
-
-def read_gguf_chat_template(path: str) -> str | None:
-    """``tokenizer.chat_template`` from a GGUF file's metadata, if it has one.
-
-    Uses the ``gguf`` package when installed (it memory-maps the file); a
-    model without the key, or a machine without the package, gives None and
-    the family spec must carry the template.
-    """
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        return None
-    try:
-        field = GGUFReader(path).get_field("tokenizer.chat_template")
-    except Exception as exc:  # a damaged file fails later, in the backend, with its own error
-        logger.debug("could not read GGUF metadata of %s: %s", path, exc)
-        return None
-    if field is None:
-        return None
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
 class GGUFEngineBase:
@@ -44,7 +21,7 @@ class GGUFEngineBase:
         self.model_path = model_path
         self.options = options
         self.max_concurrency = max_concurrency
-        self.chat_template = read_gguf_chat_template(model_path)
+        self.chat_template = gguf_chat_template(model_path)
 
     def describe(self) -> dict[str, Any]:
         return {
