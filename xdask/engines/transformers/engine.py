@@ -95,6 +95,10 @@ class TransformersEngine:
         if self._device.type == "cpu":
             threads = opts.n_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
             torch.set_num_threads(threads)
+        if self._device.type == "cuda":
+            # cuDNN's attention builds a new plan for every KV length: each decode step
+            # would pay it (FACTS.md: 3-4x slower). Flash/memory-efficient SDPA do not.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         dtype_name = opts.dtype if opts.dtype != "auto" else ("bfloat16" if self._device.type == "cuda" else "float32")
         dtype = getattr(torch, dtype_name)
         kwargs: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code}

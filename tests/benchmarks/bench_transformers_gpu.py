@@ -1,0 +1,185 @@
+"""Benchmark: xdask's transformers engine vs plain transformers, on a GPU (or, with --tiny, the CPU).
+
+A randomly initialised model with Qwen2.5-0.5B's shape (bf16), a word-level
+tokenizer over its 151,936 ids (so prompts have exact token counts and no
+EOS ends a stream early), 128 concurrent streams of 128 prompt tokens -> 256
+new tokens, and one stream alone. Printed side by side, same process, same run:
+
+  * xdask engine (``TransformersEngine``: our continuous-batching scheduler),
+    requests from 128 threads as the model actor sends them;
+  * plain ``model.generate``: batch 1, and a static batch of all streams;
+  * transformers' own continuous batching (``generate_batch``).
+
+The engine module alone is measured (no Dask or HTTP: the GPU machine has
+neither installed); the CPU benchmarks measure the HTTP path's overhead.
+
+    python tests/benchmarks/bench_transformers_gpu.py [--streams 128] [--prompt 128] [--new 256]
+    python tests/benchmarks/bench_transformers_gpu.py --tiny     # a smoke run on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                  tie_word_embeddings=True, rope_theta=1000000.0)
+TINY = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
+
+
+def build_model(path: Path, shape: dict, dtype: str) -> None:
+    """Random weights of ``shape`` and a byte-level BPE tokenizer over the whole vocabulary.
+
+    No merges: each prompt character is one token (prompts are lowercase
+    letters), and every other id decodes to ``tok<id>``. transformers 5
+    loads Qwen2's own tokenizer class for this config, which reads exactly
+    these files.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({f"tok{i}": i for i in range(len(vocab), shape["vocab_size"])})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="!").save_pretrained(path)
+    config = Qwen2Config(**shape, bos_token_id=None, eos_token_id=None, pad_token_id=0, torch_dtype=dtype)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).to(getattr(torch, dtype)).save_pretrained(path)
+    GenerationConfig(eos_token_id=None, pad_token_id=0).save_pretrained(path)
+
+
+def prompts(n: int, length: int) -> list[str]:
+    """``n`` prompts of ``length`` lowercase letters (= ``length`` tokens each)."""
+    g = torch.Generator().manual_seed(1)
+    letters = torch.randint(0, 26, (n, length), generator=g).tolist()
+    return ["".join(chr(97 + c) for c in row) for row in letters]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_engine(path: Path, texts: list[str], new: int, device: str, dtype: str, max_batch: int) -> dict:
+    from xdask.engines.base import SamplingParams
+    from xdask.engines.transformers import make_engine
+
+    eng = make_engine(str(path), 32768, {"device": device, "dtype": dtype, "max_batch_size": max_batch,
+                                         "max_prefill_tokens": 64 * 1024})
+    eng.load()
+
+    def one(text: str, n: int) -> int:
+        out = []
+        eng.generate(text, SamplingParams(max_tokens=n, temperature=0), lambda d: out.append(d) and False)
+        return out[-1].completion_tokens
+
+    one(texts[0], 8)  # warm-up
+    res = {}
+    sync()
+    t = time.perf_counter()
+    n1 = one(texts[0], new)
+    res["1 stream"] = n1 / (time.perf_counter() - t)
+    counts: list[int] = []
+    lock = threading.Lock()
+
+    def worker(text: str) -> None:
+        n = one(text, new)
+        with lock:
+            counts.append(n)
+
+    threads = [threading.Thread(target=worker, args=(x,)) for x in texts]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    res[f"{len(texts)} streams"] = sum(counts) / (time.perf_counter() - t)
+    res["max rows in a step"] = eng.stats["max_rows"]
+    eng.close()
+    return res
+
+
+def bench_plain(path: Path, texts: list[str], new: int, device: str, dtype: str) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    ids = [AutoTokenizer.from_pretrained(path)(t).input_ids for t in texts]
+    assert len({len(i) for i in ids}) == 1, "prompts must tokenize to equal lengths"
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
+    res = {}
+    one = torch.tensor(ids[:1], device=device)
+    with torch.inference_mode():
+        model.generate(one, generation_config=GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0))
+        sync()
+        t = time.perf_counter()
+        out = model.generate(one, generation_config=cfg)
+        sync()
+        res["generate, batch 1"] = (out.shape[1] - one.shape[1]) / (time.perf_counter() - t)
+        batch = torch.tensor(ids, device=device)
+        t = time.perf_counter()
+        out = model.generate(batch, attention_mask=torch.ones_like(batch), generation_config=cfg)
+        sync()
+        res[f"generate, static batch {len(ids)}"] = (out.shape[1] - batch.shape[1]) * len(ids) / (time.perf_counter() - t)
+    try:  # generate_batch manages its own grad mode (it fails inside inference_mode)
+        t = time.perf_counter()
+        results = model.generate_batch(inputs=ids, generation_config=cfg)
+        sync()
+        total = sum(len(r.generated_tokens) for r in results.values())
+        if total == 0:
+            raise RuntimeError("no tokens generated (see the log above)")
+        res[f"generate_batch (transformers CB), {len(ids)} streams"] = total / (time.perf_counter() - t)
+    except Exception as exc:  # noqa: BLE001 - report, do not hide, an API that differs by version
+        res["generate_batch (transformers CB)"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+    del model
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (a smoke run)")
+    parser.add_argument("--skip-plain", action="store_true")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if device == "cuda":  # as the engine does: cuDNN attention re-plans for every new KV length
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    shape = TINY if args.tiny else QWEN25_05B
+    if args.tiny:
+        args.streams, args.prompt, args.new = min(args.streams, 8), min(args.prompt, 16), min(args.new, 16)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"device: {name}  torch {torch.__version__}  dtype {dtype}  shape {'tiny' if args.tiny else 'Qwen2.5-0.5B'}")
+    print(f"streams {args.streams}, prompt {args.prompt} tokens, {args.new} new tokens each, greedy\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp)
+        build_model(path, shape, dtype)
+        texts = prompts(args.streams, args.prompt)
+        rows = {}
+        if not args.skip_plain:
+            rows.update({f"plain transformers: {k}": v for k, v in bench_plain(path, texts, args.new, device, dtype).items()})
+        rows.update({f"xdask engine: {k}": v for k, v in
+                     bench_engine(path, texts, args.new, device, dtype, max(args.streams, 1)).items()})
+    for k, v in rows.items():
+        print(f"{k:60} {v:10.1f}" if isinstance(v, float) else f"{k:60} {v}")
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
