@@ -50,7 +50,7 @@ def test_fallback_when_the_preferred_engine_is_missing():
 
 @pytest.mark.parametrize(("engine", "fmt", "host", "words"), [
     ("sglang", "pytorch", CPU_LINUX, "needs an NVIDIA GPU"),
-    ("mlx", "pytorch", MAC, "does not load the pytorch format"),
+    ("mlx", "ggufv2", MAC, "does not load the ggufv2 format"),
     ("vllm", "pytorch", MAC, "does not run on Darwin"),
     ("transformers", "pytorch", BARE, "pip install 'xdask[transformers]'"),
     ("llama.cpp", "ggufv2", BARE, "xllamacpp or llama_cpp"),
@@ -63,7 +63,7 @@ def test_reasons_say_why_and_what_to_do(engine, fmt, host, words):
 def test_check_engine_errors_name_the_working_combinations():
     resolved = resolve("qwen2.5-instruct", "pytorch", "0_5", None)
     with pytest.raises(EngineUnavailableError) as err:
-        check_engine(resolved, "mlx", [CPU_LINUX])
+        check_engine(resolved, "llama.cpp", [CPU_LINUX])
     assert "does not load the pytorch format" in err.value.message
     assert "mlx + mlx" in err.value.message and "transformers + pytorch" in err.value.message
     with pytest.raises(EngineUnavailableError, match="Unknown engine"):
@@ -85,7 +85,7 @@ def test_engines_endpoint(http):
     sglang = qwen["sglang"]
     assert all(row["available"] is False and "NVIDIA GPU" in row["reason"] for row in sglang)
     mlx_rows = {row["model_format"] for row in qwen.get("mlx", [])}
-    assert mlx_rows == {"mlx"}
+    assert mlx_rows == {"mlx", "pytorch"}
     resp = http.get("/v1/engines/no-such-model")
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "model_not_registered"
 

@@ -64,7 +64,8 @@ ENGINES: dict[str, EngineInfo] = {
             needs_cuda=True, systems=("Linux",), aliases=("SGLang",),
         ),
         EngineInfo(
-            "mlx", ("mlx",), ("mlx_lm",),
+            # mlx-lm also loads unquantized HF safetensors folders (the pytorch format).
+            "mlx", ("mlx", "pytorch"), ("mlx_lm",),
             "pip install 'xdask[mlx]' (Apple silicon; on Linux it brings mlx[cpu])",
             systems=("Darwin", "Linux"), aliases=("MLX", "mlx-lm", "mlx_lm"),
         ),
