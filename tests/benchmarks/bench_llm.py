@@ -131,7 +131,7 @@ def http_complete_sync(client: httpx.Client, uid: str) -> Callable[[str, int], i
     return complete
 
 
-async def http_throughput(url: str, uid: str, concurrency: int, n_requests: int) -> float:
+async def http_throughput(url: str, uid: str, concurrency: int, n_requests: int, max_tokens: int = MAX_TOKENS) -> float:
     """Tokens/s with ``concurrency`` requests in flight from one asyncio loop (cheap client)."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
@@ -143,7 +143,7 @@ async def http_throughput(url: str, uid: str, concurrency: int, n_requests: int)
             while queue:
                 i = queue.pop()
                 r = await client.post("/v1/completions", json={"model": uid, "prompt": PROMPTS[i % len(PROMPTS)],
-                                                               "max_tokens": MAX_TOKENS, "temperature": 0})
+                                                               "max_tokens": max_tokens, "temperature": 0})
                 r.raise_for_status()
                 total += r.json()["usage"]["completion_tokens"]
 
