@@ -91,6 +91,16 @@ def engine_model(request, http, tiny_qwen2):
     http.delete(f"/v1/models/{uid}")
 
 
+def _same(text: str, expected: str) -> bool:
+    """Equal, except for one incomplete character at the very end.
+
+    The random model can stop in the middle of a multi-byte UTF-8 character:
+    transformers' decode prints U+FFFD for the dangling bytes, vLLM drops
+    them. Token ids agree; anything else must match exactly.
+    """
+    return text == expected or text.rstrip("\ufffd") == expected.rstrip("\ufffd")
+
+
 def _chat(client: openai.OpenAI, uid: str, messages, **kw) -> openai.types.chat.ChatCompletion:
     return client.chat.completions.create(model=uid, messages=messages, max_tokens=MAX_TOKENS, temperature=0, **kw)
 
@@ -98,7 +108,7 @@ def _chat(client: openai.OpenAI, uid: str, messages, **kw) -> openai.types.chat.
 def test_greedy_chat_matches_plain_transformers(engine_model, oai, reference):
     engine, uid = engine_model
     resp = _chat(oai, uid, MESSAGES[0])
-    assert resp.choices[0].message.content == reference[0], engine
+    assert _same(resp.choices[0].message.content, reference[0]), engine
     assert resp.usage.completion_tokens > 0 and resp.usage.prompt_tokens > 5
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
 
@@ -108,7 +118,7 @@ def test_streamed_chat_equals_non_streamed(engine_model, oai, reference):
     chunks = list(oai.chat.completions.create(model=uid, messages=MESSAGES[1], max_tokens=MAX_TOKENS,
                                               temperature=0, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == reference[1]
+    assert _same(text, reference[1])
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
@@ -116,7 +126,7 @@ def test_eight_concurrent_chats_each_get_their_answer(engine_model, oai, referen
     _, uid = engine_model
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda m: _chat(oai, uid, m).choices[0].message.content, MESSAGES))
-    assert answers == reference
+    assert all(_same(a, r) for a, r in zip(answers, reference, strict=True)), (answers, reference)
 
 
 def test_stop_and_seed(engine_model, oai, reference):

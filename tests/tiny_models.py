@@ -1,7 +1,7 @@
 """Tiny random models written offline in real on-disk formats (no hub here).
 
-``build_tiny_qwen2`` writes a Qwen2-architecture causal LM (hidden 64, two
-layers) with a byte-level BPE tokenizer trained on the spot, a ChatML chat
+``build_tiny_qwen2`` writes a Qwen2-architecture causal LM (hidden 128, two
+layers, four heads of 32: vLLM's CPU attention refuses a head size of 16) with a byte-level BPE tokenizer trained on the spot, a ChatML chat
 template, safetensors weights, ``config.json`` and ``generation_config.json``:
 the files ``save_pretrained`` writes for a real Qwen2.5 checkpoint. The
 same directory loads in transformers, vLLM and mlx-lm, so it is the
@@ -66,7 +66,7 @@ def build_tokenizer(path: Path, vocab_size: int = 512) -> None:
     fast.save_pretrained(path)
 
 
-def build_tiny_qwen2(path: Path | str, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
+def build_tiny_qwen2(path: Path | str, seed: int = 0, layers: int = 2, hidden: int = 128) -> Path:
     """Write the tiny Qwen2 model to ``path`` (idempotent) and return it."""
     path = Path(path)
     if (path / "config.json").exists() and (path / "model.safetensors").exists():

@@ -86,7 +86,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     path = str(build_tiny_qwen2(Path(tempfile.mkdtemp(prefix="tiny-qwen2-"))))
     levels = [int(c) for c in args.concurrency.split(",")]
-    print(f"tiny Qwen2 (hidden 64, 2 layers), {args.new} new tokens, temperature 0, cpu threads "
+    print(f"tiny Qwen2 (hidden 128, 2 layers), {args.new} new tokens, temperature 0, cpu threads "
           f"{len(os.sched_getaffinity(0))}\n")
     print(f"{'engine':14}{'concurrency':>12}{'a: in-process':>15}{'b: xdask HTTP':>15}{'b/a':>7}")
     srv = XdaskLocal(tempfile.mkdtemp(prefix="xdask-bench-"))
