@@ -8,7 +8,6 @@ import time
 import cloudpickle
 import httpx
 import pytest
-
 from conftest import wait_until
 
 pytestmark = pytest.mark.slow

@@ -57,7 +57,12 @@ from xdask.engines.sglang_engine import (
     tokenizer_facts,
     usage_of,
 )
-from xdask.errors import GenerationError, InvalidRequestError, ModelLoadError, ModelNotReadyError
+from xdask.errors import (
+    GenerationError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelNotReadyError,
+)
 
 SKIP_REASON = "SGLang has no CPU build on PyPI; runs only on CUDA machines"
 

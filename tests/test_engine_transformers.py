@@ -11,15 +11,14 @@ import threading
 import time
 
 import pytest
-
 from conftest import engine_required
 
 if not engine_required("transformers"):
     pytest.importorskip("transformers", reason="transformers is not installed here")
     pytest.importorskip("torch", reason="torch is not installed here")
 
-from xdask.engines.base import SamplingParams  # noqa: E402
-from xdask.errors import InvalidRequestError  # noqa: E402
+from xdask.engines.base import SamplingParams
+from xdask.errors import InvalidRequestError
 
 PROMPTS = [f"Write about {w} please" for w in
            ("a cat", "dogs and more dogs", "x", "the quick brown fox jumps", "numbers 1 2 3", "Paris", "hi", "robots")]
@@ -88,7 +87,7 @@ def test_sampling_rules():
     assert sample(logits.clone(), rows, [[1], [1]]) == [1, 2]
     nucleus = [RowSampling(temperature=1.0, top_p=0.5, generator=torch.Generator().manual_seed(s)) for s in range(20)]
     assert set(sample(logits.repeat(10, 1), nucleus, [[]] * 20)) == {1}
-    seeded = lambda: sample(logits, [RowSampling(1.0, 1.0, generator=torch.Generator().manual_seed(3))] * 2, [[], []])  # noqa: E731
+    seeded = lambda: sample(logits, [RowSampling(1.0, 1.0, generator=torch.Generator().manual_seed(3))] * 2, [[], []])
     assert seeded() == seeded()
 
 

@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 import cloudpickle
 import openai
 import pytest
-
 from conftest import engine_required, wait_until
 
 pytestmark = pytest.mark.slow

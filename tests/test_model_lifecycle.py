@@ -6,7 +6,6 @@ import sys
 
 import cloudpickle
 import pytest
-
 from conftest import DEFAULT_LAUNCH, wait_until
 
 pytestmark = pytest.mark.slow

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import DEFAULT_LAUNCH
 
 import xdask
 from xdask.errors import InvalidRequestError, NotFoundError
-
-from conftest import DEFAULT_LAUNCH
 
 pytestmark = pytest.mark.slow
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from xinference_client import RESTfulClient
-
 from conftest import DEFAULT_LAUNCH
+from xinference_client import RESTfulClient
 
 pytestmark = pytest.mark.slow
 

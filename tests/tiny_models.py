@@ -72,7 +72,12 @@ def build_tiny_qwen2(path: Path | str, seed: int = 0, layers: int = 2, hidden: i
     if (path / "config.json").exists() and (path / "model.safetensors").exists():
         return path
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        GenerationConfig,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     path.mkdir(parents=True, exist_ok=True)
     build_tokenizer(path)

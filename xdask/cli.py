@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-
 import signal
 import socket
 import subprocess
@@ -53,10 +52,11 @@ def _fail(exc: Exception) -> None:
 
 
 async def _run_local(host: str, port: int, n_workers: int | None, log_level: str, ready_message: bool) -> None:
+    from xdask_server import make_app, start_http_server
+
     from xdask.cluster.local import start_local_cluster
     from xdask.cluster.supervisor import Supervisor
     from xdask.logs import setup_logging
-    from xdask_server import make_app, start_http_server
 
     log_path = setup_logging("local", level=log_level.upper())
     cluster = await start_local_cluster(n_workers=n_workers, host=host)
@@ -77,7 +77,7 @@ async def _run_local(host: str, port: int, n_workers: int | None, log_level: str
     try:
         # Free the engines first: a worker holding llama.cpp threads exits slowly.
         await asyncio.wait_for(supervisor.terminate_all(), 30)
-    except (asyncio.TimeoutError, XdaskError, OSError) as exc:
+    except (TimeoutError, XdaskError, OSError) as exc:
         click.echo(f"Could not stop every model cleanly: {exc}")
     try:
         await asyncio.wait_for(supervisor.close(), 10)
@@ -114,9 +114,10 @@ def main() -> None:
 @click.option("--log-level", default="INFO", show_default=True)
 def serve(scheduler: str, host: str | None, port: int | None, log_level: str) -> None:
     """Serve the HTTP API for models on an existing Dask cluster (cluster mode)."""
+    from xdask_server import make_app, start_http_server
+
     from xdask.cluster.supervisor import Supervisor
     from xdask.logs import setup_logging
-    from xdask_server import make_app, start_http_server
 
     host = host or config.get("server.host")
     port = port if port is not None else int(config.get("server.port"))

@@ -51,7 +51,7 @@ def _sse_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
 class ModelHandle:
     """A running model: ``chat``, ``generate`` and ``describe``."""
 
-    def __init__(self, client: "Client", uid: str, description: dict[str, Any]):
+    def __init__(self, client: Client, uid: str, description: dict[str, Any]):
         self._client = client
         self.uid = uid
         self.description = description
@@ -117,7 +117,7 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -134,7 +134,7 @@ class Client:
         model_type: str = "LLM",
         model_engine: str | None = None,
         model_uid: str | None = None,
-        model_size_in_billions: int | float | str | None = None,
+        model_size_in_billions: float | str | None = None,
         model_format: str | None = None,
         quantization: str | None = None,
         **kwargs: Any,

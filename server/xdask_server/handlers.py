@@ -24,7 +24,11 @@ from xdask.errors import (
     PayloadTooLargeError,
     XdaskError,
 )
-from xdask_server.protocol import ChatCompletionRequest, CompletionRequest, LaunchModelRequest
+from xdask_server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LaunchModelRequest,
+)
 from xdask_server.serving import OpenAIServing, describe, registrations
 
 logger = logging.getLogger(__name__)
@@ -133,7 +137,7 @@ class BodyHandler(BaseHandler):
 class GenerationHandler(BodyHandler):
     """Shared POST logic of chat and completions: JSON answer or SSE stream."""
 
-    schema: type[ChatCompletionRequest] | type[CompletionRequest]
+    schema: type[ChatCompletionRequest | CompletionRequest]
 
     def on_connection_close(self) -> None:
         task = getattr(self, "_task", None)

@@ -111,7 +111,7 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
     @model_validator(mode="after")
-    def _check_supported(self) -> "CompletionRequest":
+    def _check_supported(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and len(self.prompt) != 1:
             raise ValueError("prompt must be a string or a list of exactly one string")
         if self.echo:

@@ -17,7 +17,11 @@ from xdask import config
 from xdask.cluster.supervisor import Supervisor
 from xdask.errors import InvalidRequestError, RequestTimeoutError
 from xdask.registry import list_families
-from xdask_server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from xdask_server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+)
 
 
 def describe(record: dict[str, Any]) -> dict[str, Any]:

@@ -29,8 +29,8 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from bench_llm import PROMPTS, XdaskLocal, http_throughput  # noqa: E402
-from tiny_models import build_tiny_qwen2  # noqa: E402
+from bench_llm import PROMPTS, XdaskLocal, http_throughput
+from tiny_models import build_tiny_qwen2
 
 MODULES = {"transformers": "transformers", "vllm": "vllm", "mlx": "mlx_lm"}
 KWARGS = {"transformers": {}, "vllm": {"max_model_len": 1024}, "mlx": {}}

@@ -81,7 +81,7 @@ class Supervisor:
         self._hosts_ttl = 30.0
 
     @classmethod
-    async def connect(cls, address: str | Any) -> "Supervisor":
+    async def connect(cls, address: str | Any) -> Supervisor:
         """An async client to ``address`` (or a cluster object) with the registry plugin."""
         client = await Client(address, asynchronous=True, direct_to_workers=True, set_as_default=False)
         await client.register_plugin(ModelRegistry())

@@ -81,7 +81,13 @@ from xdask.engines.async_bridge import AsyncLoopThread
 from xdask.engines.base import Delta, Emit, SamplingParams
 from xdask.engines.options import EngineOptions
 from xdask.engines.text import StopMatcher
-from xdask.errors import GenerationError, InvalidRequestError, ModelLoadError, ModelNotReadyError, XdaskError
+from xdask.errors import (
+    GenerationError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelNotReadyError,
+    XdaskError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -476,7 +482,9 @@ def _server_arg_names() -> frozenset[str]:
 def _sampling_param_names() -> frozenset[str] | None:
     """The fields SGLang's ``SamplingParams`` takes (None if unknown)."""
     try:
-        from sglang.srt.sampling.sampling_params import SamplingParams as SGLangSamplingParams
+        from sglang.srt.sampling.sampling_params import (
+            SamplingParams as SGLangSamplingParams,
+        )
     except Exception:
         return None
     fields = getattr(SGLangSamplingParams, "__struct_fields__", None)  # a msgspec.Struct (2026)

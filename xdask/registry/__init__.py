@@ -1,6 +1,11 @@
 """Model families and specs: the catalog that launches are checked against."""
 
-from xdask.registry.families import builtin_llm_families, get_family, list_families, resolve
+from xdask.registry.families import (
+    builtin_llm_families,
+    get_family,
+    list_families,
+    resolve,
+)
 from xdask.registry.specs import LLMFamily, ModelSource, ModelSpec, ResolvedModel
 
 __all__ = [

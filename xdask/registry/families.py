@@ -53,7 +53,7 @@ def get_family(model_name: str) -> LLMFamily:
 def resolve(
     model_name: str,
     model_format: str | None = None,
-    model_size_in_billions: int | float | str | None = None,
+    model_size_in_billions: float | str | None = None,
     quantization: str | None = None,
 ) -> ResolvedModel:
     """Narrow a family to the spec and quantization that a launch asked for.

@@ -42,11 +42,11 @@ class ModelSpec(BaseModel):
     model_file_name_template: str | None = None
     sources: list[ModelSource] = Field(default_factory=list)
 
-    def size_matches(self, size: int | float | str | None) -> bool:
+    def size_matches(self, size: float | str | None) -> bool:
         """Whether ``size`` (as users type it: 0.27, "0_27", "0.27") names this spec."""
         if size is None or size == "":
             return True
-        norm = lambda v: str(v).replace("_", ".").rstrip("0").rstrip(".")  # noqa: E731
+        norm = lambda v: str(v).replace("_", ".").rstrip("0").rstrip(".")
         return norm(size) == norm(self.model_size_in_billions)
 
     def file_name(self, quantization: str) -> str | None:

@@ -50,7 +50,7 @@ class Batch:
     def width(self) -> int:
         return int(self.mask.shape[1])
 
-    def join(self, other: "Batch") -> None:
+    def join(self, other: Batch) -> None:
         """Append ``other``'s rows (after ours), left-padding the narrower side."""
         if self.size == 0:
             self.cache, self.mask, self.positions, self.last = other.cache, other.mask, other.positions, other.last

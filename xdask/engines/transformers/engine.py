@@ -14,7 +14,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
