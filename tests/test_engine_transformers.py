@@ -148,3 +148,30 @@ def test_real_gemma_gguf_weights_through_transformers():
         assert eng.adds_bos is True and eng.special_tokens["bos_token"] == "<bos>"
     finally:
         eng.close()
+
+
+def test_slot_layout_gives_the_dynamic_layouts_answers(tiny_qwen2):
+    """The KV-slot layout (CUDA's default, with CUDA graphs there) computes the same greedy text.
+
+    On the CPU it runs without graphs; the H100 benchmark checks graphs against
+    the dynamic layout in float32 (bench_transformers_gpu.py).
+    """
+    from xdask.engines.transformers import make_engine
+
+    answers = {}
+    for layout in ("dynamic", "slots"):
+        eng = make_engine(str(tiny_qwen2), 2048, {"kv_layout": layout, "max_batch_size": 4})
+        eng.load()
+        try:
+            assert eng.describe()["kv_layout"] == layout
+            out: dict[str, str] = {}
+            threads = [threading.Thread(target=lambda p=p, n=n: out.__setitem__(p, _run(eng, p, max_tokens=n, temperature=0)[0]))
+                       for n, p in enumerate(PROMPTS, start=10)]  # 8 requests, 4 slots: rows leave and join
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            answers[layout] = out
+        finally:
+            eng.close()
+    assert answers["slots"] == answers["dynamic"]

@@ -78,12 +78,14 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def bench_engine(path: Path, texts: list[str], new: int, device: str, dtype: str, max_batch: int) -> dict:
+def bench_engine(path: Path, texts: list[str], new: int, device: str, dtype: str, max_batch: int,
+                 layout: str) -> dict:
     from xdask.engines.base import SamplingParams
     from xdask.engines.transformers import make_engine
 
     eng = make_engine(str(path), 32768, {"device": device, "dtype": dtype, "max_batch_size": max_batch,
-                                         "max_prefill_tokens": 64 * 1024})
+                                         "max_prefill_tokens": 64 * 1024, "kv_layout": layout,
+                                         "max_model_len": 1024})
     eng.load()
 
     def one(text: str, n: int) -> int:
@@ -92,7 +94,7 @@ def bench_engine(path: Path, texts: list[str], new: int, device: str, dtype: str
         return out[-1].completion_tokens
 
     one(texts[0], 8)  # warm-up
-    res = {}
+    res = {"greedy text of stream 0": None}
     sync()
     t = time.perf_counter()
     n1 = one(texts[0], new)
@@ -113,6 +115,9 @@ def bench_engine(path: Path, texts: list[str], new: int, device: str, dtype: str
         th.join()
     res[f"{len(texts)} streams"] = sum(counts) / (time.perf_counter() - t)
     res["max rows in a step"] = eng.stats["max_rows"]
+    out: list = []
+    eng.generate(texts[0], SamplingParams(max_tokens=32, temperature=0), lambda d: out.append(d) and False)
+    res["greedy text of stream 0"] = "".join(d.text for d in out)
     eng.close()
     return res
 
@@ -160,6 +165,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (a smoke run)")
     parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--layouts", default="slots,dynamic", help="engine KV layouts to run")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if device == "cuda":  # as the engine does: cuDNN attention re-plans for every new KV length
@@ -178,8 +184,9 @@ def main() -> None:
         rows = {}
         if not args.skip_plain:
             rows.update({f"plain transformers: {k}": v for k, v in bench_plain(path, texts, args.new, device, dtype).items()})
-        rows.update({f"xdask engine: {k}": v for k, v in
-                     bench_engine(path, texts, args.new, device, dtype, max(args.streams, 1)).items()})
+        for layout in args.layouts.split(","):
+            rows.update({f"xdask engine ({layout}): {k}": v for k, v in
+                         bench_engine(path, texts, args.new, device, dtype, max(args.streams, 1), layout).items()})
     for k, v in rows.items():
         print(f"{k:60} {v:10.1f}" if isinstance(v, float) else f"{k:60} {v}")
     sys.stdout.flush()

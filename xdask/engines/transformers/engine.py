@@ -44,6 +44,7 @@ class _Request:
     stop: Any = None
     generated: list[int] = field(default_factory=list)
     finished: bool = False
+    last: int = 0  # the token to feed next (slots layout)
 
 
 class TransformersEngine:
@@ -72,6 +73,7 @@ class TransformersEngine:
         self._device: Any = None
         self._eos: set[int] = set()
         self._prepend_bos = False
+        self.layout = "dynamic"
         self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
@@ -137,10 +139,24 @@ class TransformersEngine:
         config_len = int(getattr(self._model.config, "max_position_embeddings", 0) or 0) or self.context_length
         self.max_model_len = opts.max_model_len or min(self.context_length, config_len)
         self.max_batch = opts.max_batch_size or (256 if self._device.type == "cuda" else 32)
+        self.layout = self._choose_layout()
+        if self.layout == "slots" and not opts.max_model_len:
+            # Slots reserve max_model_len columns per sequence up front (like vLLM's KV cache).
+            self.max_model_len = min(self.max_model_len, 4096)
         # The actor runs one thread per request; they wait here, not in the actor's queue.
         self.max_concurrency = max(self.max_batch * 2, 64)
         self._thread = threading.Thread(target=self._loop, name="xdask-transformers", daemon=True)
         self._thread.start()
+
+    def _choose_layout(self) -> str:
+        wanted = self.options.kv_layout
+        cfg = self._model.config
+        sliding = any(t == "sliding_attention" for t in getattr(cfg, "layer_types", None) or ())
+        if wanted == "slots" and sliding:
+            raise ModelLoadError("kv_layout=slots does not support models with sliding-window layers")
+        if wanted == "auto":
+            return "slots" if self._device.type == "cuda" and not sliding else "dynamic"
+        return wanted
 
     def close(self) -> None:
         self._closed.set()
@@ -165,6 +181,9 @@ class TransformersEngine:
             "max_batch_size": getattr(self, "max_batch", None),
             "max_model_len": self.max_model_len,
             "batching": "continuous (xdask scheduler)",
+            "kv_layout": self.layout,
+            "cuda_graphs": self.layout == "slots" and self._device is not None and self._device.type == "cuda"
+            and self.options.cuda_graphs,
         }
 
     # -- requests ----------------------------------------------------------------
@@ -195,9 +214,7 @@ class TransformersEngine:
     def _loop(self) -> None:
         import torch
 
-        from xdask.engines.transformers.batch import Batch
-
-        batch = Batch(self._device)
+        batch = self._new_batch()
         with torch.inference_mode():
             while not self._closed.is_set():
                 self._drain_inbox(block=not self._running and not self._waiting)
@@ -212,7 +229,7 @@ class TransformersEngine:
                     for req in self._running:
                         self._fail(req, GenerationError(f"{type(exc).__name__}: {exc}"))
                     self._running = []
-                    batch = Batch(self._device)
+                    batch = self._new_batch()
         for req in self._running + self._waiting:
             self._fail(req, GenerationError("the model was closed"))
         while True:
@@ -222,6 +239,15 @@ class TransformersEngine:
                 break
             if item is not None:
                 self._fail(item, GenerationError("the model was closed"))
+
+    def _new_batch(self) -> Any:
+        if self.layout == "slots":
+            from xdask.engines.transformers.slots import SlotBatch
+
+            return SlotBatch(self._model, self.max_batch, self.max_model_len, use_graphs=self.options.cuda_graphs)
+        from xdask.engines.transformers.batch import Batch
+
+        return Batch(self._device)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -278,6 +304,19 @@ class TransformersEngine:
             longest = width
         if not chosen:
             return False
+        for r in chosen:
+            r.sampling = self._row_sampling(r.params)
+            r.detok = IncrementalDetokenizer(self._tokenizer)
+            r.stop = StopMatcher(list(r.params.stop))
+        if self.layout == "slots":
+            logits = torch.stack([batch.admit(r.ids) for r in chosen])
+            self.stats["prefills"] += len(chosen)
+            tokens = self._sample(logits, chosen)
+            for r, t in zip(chosen, tokens, strict=True):
+                r.last = t
+            self._running.extend(chosen)
+            self._after_step(batch, tokens, start=len(self._running) - len(chosen))
+            return True
         pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         rows = [[pad] * (longest - len(r.ids)) + r.ids for r in chosen]
         mask = [[0] * (longest - len(r.ids)) + [1] * len(r.ids) for r in chosen]
@@ -293,10 +332,6 @@ class TransformersEngine:
         new = Batch(self._device)
         new.cache, new.mask = out.past_key_values, attn
         new.positions = positions[:, -1] + 1
-        for r in chosen:
-            r.sampling = self._row_sampling(r.params)
-            r.detok = IncrementalDetokenizer(self._tokenizer)
-            r.stop = StopMatcher(list(r.params.stop))
         tokens = self._sample(out.logits[:, -1, :], chosen)
         new.last = torch.tensor(tokens, device=self._device)
         batch.join(new)
@@ -305,6 +340,15 @@ class TransformersEngine:
         return True
 
     def _decode(self, batch: Any) -> None:
+        if self.layout == "slots":
+            logits = batch.decode([r.last for r in self._running])
+            self.stats["steps"] += 1
+            self.stats["max_rows"] = max(self.stats["max_rows"], batch.size)
+            tokens = self._sample(logits, self._running)
+            for r, t in zip(self._running, tokens, strict=True):
+                r.last = t
+            self._after_step(batch, tokens, start=0)
+            return
         mask = batch.grow()
         out = self._model(input_ids=batch.last.unsqueeze(-1), attention_mask=mask,
                           position_ids=batch.positions.unsqueeze(-1), past_key_values=batch.cache, use_cache=True)

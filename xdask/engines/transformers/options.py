@@ -25,6 +25,12 @@ class TransformersOptions(EngineOptions):
     max_model_len: int = Field(default=0, ge=0)
     #: CPU threads for torch; 0: all cores of the worker.
     n_threads: int = Field(default=0, ge=0)
+    #: KV layout: "slots" (preallocated per-sequence rows, CUDA graphs for decode steps)
+    #: or "dynamic" (a growing left-padded cache). "auto": slots on CUDA when the model
+    #: has no sliding-window layers, dynamic otherwise.
+    kv_layout: Literal["auto", "dynamic", "slots"] = "auto"
+    #: Replay decode steps from captured CUDA graphs (slots layout on CUDA only).
+    cuda_graphs: bool = True
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     #: The model's own files are used offline when they are a local path.
