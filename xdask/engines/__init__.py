@@ -92,9 +92,7 @@ def create_engine(
         from xdask.engines.llama_cpp.options import LlamaCppOptions
 
         backend = choose_backend(kwargs.pop("llama_cpp_backend", None))
-        options = LlamaCppOptions.build(
-            resolved.family.context_length, kwargs, batching=(backend == "xllamacpp")
-        )
+        options = LlamaCppOptions.build(resolved.family.context_length, kwargs)
         if kwargs:  # build() took the ones it knows
             raise InvalidRequestError(
                 f"Invalid llama.cpp options: unknown option(s) {', '.join(map(repr, sorted(kwargs)))}. "

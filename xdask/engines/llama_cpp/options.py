@@ -13,9 +13,9 @@ from xdask import config
 class LlamaCppOptions:
     """Context, slots and threads for one loaded GGUF model.
 
-    ``n_ctx`` is the total context; xllamacpp splits it between ``n_parallel``
-    slots, so by default each slot gets ``n-ctx-per-slot`` tokens, capped by
-    the model's own context length.
+    ``n_ctx`` is the total context; both backends split it between
+    ``n_parallel`` slots (sequences decoded together), so by default each slot
+    gets ``n-ctx-per-slot`` tokens, capped by the model's own context length.
     """
 
     n_ctx: int
@@ -24,8 +24,12 @@ class LlamaCppOptions:
     n_gpu_layers: int
 
     @classmethod
-    def build(cls, context_length: int, kwargs: dict[str, Any], batching: bool) -> "LlamaCppOptions":
-        n_parallel = int(kwargs.pop("n_parallel", config.get("llama-cpp.n-parallel")) or 1) if batching else 1
+    def build(cls, context_length: int, kwargs: dict[str, Any]) -> LlamaCppOptions:
+        """Options from launch ``kwargs`` (popped) and ``xdask.llama-cpp.*`` config.
+
+        Both backends decode ``n_parallel`` sequences together.
+        """
+        n_parallel = max(1, int(kwargs.pop("n_parallel", config.get("llama-cpp.n-parallel")) or 1))
         per_slot = min(int(config.get("llama-cpp.n-ctx-per-slot")), context_length)
         n_ctx = int(kwargs.pop("n_ctx", per_slot * n_parallel))
         n_threads = int(kwargs.pop("n_threads", config.get("llama-cpp.n-threads")) or 0)
