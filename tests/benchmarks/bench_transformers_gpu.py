@@ -83,9 +83,10 @@ def bench_engine(path: Path, texts: list[str], new: int, device: str, dtype: str
     from xdask.engines.base import SamplingParams
     from xdask.engines.transformers import make_engine
 
+    kv_layout, _, variant = layout.partition("-")
     eng = make_engine(str(path), 32768, {"device": device, "dtype": dtype, "max_batch_size": max_batch,
-                                         "max_prefill_tokens": 64 * 1024, "kv_layout": layout,
-                                         "max_model_len": 1024})
+                                         "max_prefill_tokens": 64 * 1024, "kv_layout": kv_layout,
+                                         "max_model_len": 1024, "fuse_kernels": variant != "nofuse"})
     eng.load()
 
     def one(text: str, n: int) -> int:
@@ -115,6 +116,7 @@ def bench_engine(path: Path, texts: list[str], new: int, device: str, dtype: str
         th.join()
     res[f"{len(texts)} streams"] = sum(counts) / (time.perf_counter() - t)
     res["max rows in a step"] = eng.stats["max_rows"]
+    res["fused kernels"] = ", ".join(eng.describe()["fused_kernels"]) or "none"
     out: list = []
     eng.generate(texts[0], SamplingParams(max_tokens=32, temperature=0), lambda d: out.append(d) and False)
     res["greedy text of stream 0"] = "".join(d.text for d in out)
@@ -158,6 +160,29 @@ def bench_plain(path: Path, texts: list[str], new: int, device: str, dtype: str)
     return res
 
 
+def check_agreement(path: Path, texts: list[str], device: str, first: str, last: str) -> str:
+    """How many of 4 prompts give the same 24 greedy tokens in float32 under two engine variants."""
+    from xdask.engines.base import SamplingParams
+    from xdask.engines.transformers import make_engine
+
+    answers = []
+    for layout in (first, last):
+        kv_layout, _, variant = layout.partition("-")
+        eng = make_engine(str(path), 32768, {"device": device, "dtype": "float32", "max_batch_size": 8,
+                                             "kv_layout": kv_layout, "max_model_len": 1024,
+                                             "fuse_kernels": variant != "nofuse"})
+        eng.load()
+        got = []
+        for text in texts[:4]:
+            out: list = []
+            eng.generate(text, SamplingParams(max_tokens=24, temperature=0), lambda d, o=out: o.append(d) and False)
+            got.append("".join(d.text for d in out))
+        answers.append(got)
+        eng.close()
+    same = sum(a == b for a, b in zip(*answers, strict=True))
+    return f"{same}/4"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=128)
@@ -165,7 +190,10 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (a smoke run)")
     parser.add_argument("--skip-plain", action="store_true")
-    parser.add_argument("--layouts", default="slots,dynamic", help="engine KV layouts to run")
+    parser.add_argument("--layouts", default="slots,slots-nofuse,dynamic-nofuse",
+                        help="engine variants: KV layout, '-nofuse' for no fused kernels")
+    parser.add_argument("--check", action="store_true",
+                        help="float32: greedy tokens of the first variant equal the last one's (4 prompts)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if device == "cuda":  # as the engine does: cuDNN attention re-plans for every new KV length
@@ -187,6 +215,9 @@ def main() -> None:
         for layout in args.layouts.split(","):
             rows.update({f"xdask engine ({layout}): {k}": v for k, v in
                          bench_engine(path, texts, args.new, device, dtype, max(args.streams, 1), layout).items()})
+        if args.check:
+            rows["float32 greedy agreement, first vs last variant"] = check_agreement(
+                path, texts, device, args.layouts.split(",")[0], args.layouts.split(",")[-1])
     for k, v in rows.items():
         print(f"{k:60} {v:10.1f}" if isinstance(v, float) else f"{k:60} {v}")
     sys.stdout.flush()

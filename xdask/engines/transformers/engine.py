@@ -138,6 +138,9 @@ class TransformersEngine:
         self._eos = {int(e) for e in [*eos, tok.eos_token_id] if e is not None}
         config_len = int(getattr(self._model.config, "max_position_embeddings", 0) or 0) or self.context_length
         self.max_model_len = opts.max_model_len or min(self.context_length, config_len)
+        self.fused: list[str] = []
+        if self._device.type == "cuda" and opts.fuse_kernels:
+            self._fuse()
         self.max_batch = opts.max_batch_size or (256 if self._device.type == "cuda" else 32)
         self.layout = self._choose_layout()
         if self.layout == "slots" and not opts.max_model_len:
@@ -147,6 +150,26 @@ class TransformersEngine:
         self.max_concurrency = max(self.max_batch * 2, 64)
         self._thread = threading.Thread(target=self._loop, name="xdask-transformers", daemon=True)
         self._thread.start()
+
+    def _fuse(self) -> None:
+        """Fused norm/rotary kernels, compiled now (not inside a graph capture); eager on any failure."""
+        import torch
+
+        from xdask.engines.transformers.fusion import fuse_small_kernels, unfuse
+
+        try:
+            self.fused = fuse_small_kernels(self._model)
+            if self.fused:
+                with torch.inference_mode():
+                    # Batch and length 1 or more: the shapes dynamo specializes on.
+                    for shape in ((2, 8), (2, 1), (1, 8), (1, 1)):
+                        ids = torch.zeros(shape, dtype=torch.long, device=self._device)
+                        self._model(input_ids=ids)
+                    torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - a speed-up must never cost the launch
+            logger.warning("kernel fusion failed, running eagerly: %s", exc)
+            self.fused = []
+            unfuse(self._model)
 
     def _choose_layout(self) -> str:
         wanted = self.options.kv_layout
@@ -182,6 +205,7 @@ class TransformersEngine:
             "max_model_len": self.max_model_len,
             "batching": "continuous (xdask scheduler)",
             "kv_layout": self.layout,
+            "fused_kernels": getattr(self, "fused", []),
             "cuda_graphs": self.layout == "slots" and self._device is not None and self._device.type == "cuda"
             and self.options.cuda_graphs,
         }

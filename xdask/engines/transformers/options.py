@@ -31,6 +31,8 @@ class TransformersOptions(EngineOptions):
     kv_layout: Literal["auto", "dynamic", "slots"] = "auto"
     #: Replay decode steps from captured CUDA graphs (slots layout on CUDA only).
     cuda_graphs: bool = True
+    #: Fuse RMSNorm and rotary-embedding kernels with torch.compile (CUDA, Llama/Qwen/Mistral only).
+    fuse_kernels: bool = True
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     #: The model's own files are used offline when they are a local path.
