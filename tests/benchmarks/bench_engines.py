@@ -81,6 +81,9 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(MODULES))
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="requests per run = rounds x max(concurrency, 4): tiny models finish a short run "
+                             "in a fraction of a second, where fixed per-request costs dominate")
     args = parser.parse_args()
     os.environ.setdefault("XDASK_HOME", tempfile.mkdtemp(prefix="xdask-bench-home-"))
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
@@ -101,7 +104,7 @@ def main() -> None:
                                                 "model_format": "pytorch", "model_size_in_billions": "0_5",
                                                 "model_path": path, "model_uid": uid, **KWARGS[engine]}).raise_for_status()
             for c in levels:
-                n = max(c, 4) * 2
+                n = max(c, 4) * args.rounds
                 b = asyncio.run(http_throughput(srv.url, uid, c, n, max_tokens=args.new))
                 a = inprocess(engine, path, c, n, args.new)
                 print(f"{engine:14}{c:>12}{a:15.1f}{b:15.1f}{b / a:7.2f}")
