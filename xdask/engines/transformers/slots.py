@@ -23,7 +23,9 @@ from typing import Any
 import torch
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-LENGTH_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+#: Columns a step attends to: steps of 128 up to 4096 (a coarser bucket costs attention over
+#: padding at large batches), then powers of two.
+LENGTH_BUCKETS = (*range(128, 4097, 128), 8192, 16384, 32768)
 
 
 class SlotCache:
