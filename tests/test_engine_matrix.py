@@ -104,6 +104,12 @@ def test_launch_on_an_engine_that_cannot_run_here(http):
     assert resp.status_code == 400
     message = resp.json()["error"]["message"]
     assert "sglang does not load the ggufv2 format" in message and "llama.cpp + ggufv2" in message
+    # A platform this host lacks: SGLang needs CUDA (and is not installed here either).
+    resp = http.post("/v1/models", json={"model_name": "qwen2.5-instruct", "model_engine": "sglang",
+                                         "model_format": "pytorch", "model_size_in_billions": "0_5"})
+    assert resp.status_code == 400
+    message = resp.json()["error"]["message"]
+    assert "sglang needs an NVIDIA GPU" in message and "transformers + pytorch" in message
     resp = http.post("/v1/models", json={"model_name": "gemma-3-270m", "model_engine": "llama.cpp", "n_ctx_typo": 5})
     assert resp.status_code == 400 and "n_ctx_typo" in resp.json()["error"]["message"]
 
