@@ -34,6 +34,7 @@ from pydantic import Field
 from xdask.engines.base import Delta, Emit, SamplingParams
 from xdask.engines.options import EngineOptions
 from xdask.engines.text import IncrementalDetokenizer, StopMatcher
+from xdask.engines.tokenizer_facts import tokenizer_facts
 from xdask.errors import (
     GenerationError,
     InvalidRequestError,
@@ -327,10 +328,7 @@ class MLXEngine:
             trust_remote_code=opts.trust_remote_code,
         )
         hf = tokenizer._tokenizer
-        self.chat_template = hf.chat_template if isinstance(getattr(hf, "chat_template", None), str) else None
-        self.special_tokens = {k: v for k, v in (("bos_token", hf.bos_token), ("eos_token", hf.eos_token)) if v}
-        probe = hf("a").input_ids
-        self.adds_bos = hf.bos_token_id is not None and bool(probe) and probe[0] == hf.bos_token_id
+        self.adds_bos, self.chat_template, self.special_tokens = tokenizer_facts(hf)
         self.eos_token_ids = {int(t) for t in tokenizer.eos_token_ids}
         config_len = int(config.get("max_position_embeddings") or 0) or self.context_length
         self.max_model_len = opts.max_model_len or min(self.context_length, config_len)

@@ -81,6 +81,7 @@ from xdask.engines.async_bridge import AsyncLoopThread
 from xdask.engines.base import Delta, Emit, SamplingParams
 from xdask.engines.options import EngineOptions
 from xdask.engines.text import StopMatcher
+from xdask.engines.tokenizer_facts import tokenizer_facts
 from xdask.errors import (
     GenerationError,
     InvalidRequestError,
@@ -328,33 +329,6 @@ def error_from_exception(exc: BaseException) -> XdaskError:
     if status == 503:
         return ModelNotReadyError(message)
     return GenerationError(f"SGLang failed: {message}")
-
-
-def tokenizer_facts(tokenizer: Any) -> tuple[bool, str | None, dict[str, str]]:
-    """``(adds_bos, chat_template, special_tokens)`` of the HF tokenizer SGLang uses.
-
-    SGLang tokenizes a text prompt with the tokenizer's defaults
-    (``add_special_tokens=True``), so it adds BOS exactly when encoding does.
-    """
-    if tokenizer is None:
-        return False, None, {}
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # named templates: the default one
-        template = template.get("default")
-    special: dict[str, str] = {}
-    for name in ("bos_token", "eos_token"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, str) and value:
-            special[name] = value
-    adds_bos = False
-    bos_id = getattr(tokenizer, "bos_token_id", None)
-    if bos_id is not None:
-        try:
-            probe = list(tokenizer.encode("x"))
-        except Exception:  # a tokenizer that cannot encode here: SGLang will say so at the first request
-            probe = []
-        adds_bos = bool(probe) and probe[0] == bos_id
-    return adds_bos, template if isinstance(template, str) and template else None, special
 
 
 class ChunkDecoder:

@@ -36,6 +36,7 @@ from xdask import config
 from xdask.engines.async_bridge import AsyncLoopThread
 from xdask.engines.base import Delta, Emit, SamplingParams
 from xdask.engines.options import EngineOptions
+from xdask.engines.tokenizer_facts import tokenizer_facts
 from xdask.errors import GenerationError, InvalidRequestError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -299,21 +300,8 @@ class VLLMEngine:
     def _read_tokenizer(self) -> None:
         tokenizer = self._llm.get_tokenizer()
         self._max_model_len = int(self._llm.model_config.max_model_len)
-        self.chat_template = getattr(tokenizer, "chat_template", None) or None
-        tokens = {}
-        for key in ("bos_token", "eos_token"):
-            value = getattr(tokenizer, key, None)
-            if isinstance(value, str) and value:
-                tokens[key] = value
-        self.special_tokens = tokens
-        # vLLM tokenizes a text prompt with add_special_tokens=True; whether
-        # that prepends BOS is the tokenizer's own rule (Llama yes, Qwen no).
-        bos_id = getattr(tokenizer, "bos_token_id", None)
-        with_special = tokenizer.encode("a", add_special_tokens=True)
-        plain = tokenizer.encode("a", add_special_tokens=False)
-        self.adds_bos = bool(
-            bos_id is not None and with_special and with_special[0] == bos_id and (not plain or plain[0] != bos_id)
-        )
+        # vLLM tokenizes a text prompt with add_special_tokens=True: BOS is the tokenizer's own rule.
+        self.adds_bos, self.chat_template, self.special_tokens = tokenizer_facts(tokenizer)
 
     def _warm_up(self) -> None:
         # One token end to end: an engine that loads but cannot run the model

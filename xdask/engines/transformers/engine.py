@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from xdask.engines.base import Delta, Emit, SamplingParams
 from xdask.engines.gguf_meta import gguf_adds_bos, gguf_chat_template
 from xdask.engines.text import IncrementalDetokenizer, StopMatcher
+from xdask.engines.tokenizer_facts import tokenizer_facts
 from xdask.engines.transformers.options import TransformersOptions
 from xdask.errors import GenerationError, InvalidRequestError, ModelLoadError
 
@@ -121,10 +122,7 @@ class TransformersEngine:
         except Exception as exc:
             raise ModelLoadError(f"transformers could not load {self.model_path}: {type(exc).__name__}: {exc}") from exc
         tok = self._tokenizer
-        self.chat_template = getattr(tok, "chat_template", None) or None
-        self.special_tokens = {k: v for k, v in (("bos_token", tok.bos_token), ("eos_token", tok.eos_token)) if v}
-        probe = tok("a").input_ids
-        self.adds_bos = tok.bos_token_id is not None and bool(probe) and probe[0] == tok.bos_token_id
+        self.adds_bos, self.chat_template, self.special_tokens = tokenizer_facts(tok)
         # transformers' GGUF tokenizer forgets tokenizer.ggml.add_bos_token: we add BOS ourselves.
         self._prepend_bos = bool(
             gguf_file and not self.adds_bos and tok.bos_token_id is not None and gguf_adds_bos(self.model_path)
