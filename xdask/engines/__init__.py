@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from xdask.engines.base import Delta, Emit, Engine, SamplingParams
+from xdask.engines.devices import normalize_gpu_idx
 from xdask.engines.matrix import ENGINES, canonical_engine, choose, why_not
 from xdask.errors import EngineUnavailableError, InvalidRequestError
 from xdask.registry.specs import ResolvedModel
@@ -18,7 +19,7 @@ from xdask.registry.specs import ResolvedModel
 #: Engine name -> the model formats it loads.
 ENGINE_FORMATS: dict[str, tuple[str, ...]] = {name: info.formats for name, info in ENGINES.items()}
 
-#: Engine name -> module with ``make_engine(model_path, context_length, kwargs)``.
+#: Engine name -> module with ``make_engine(model_path, context_length, kwargs, gpu_idx=None)``.
 _ENGINE_MODULES = {
     "transformers": "xdask.engines.transformers",
     "vllm": "xdask.engines.vllm_engine",
@@ -83,10 +84,22 @@ def check_engine(resolved: ResolvedModel, model_engine: str | None, hosts: list[
 
 
 def create_engine(
-    resolved: ResolvedModel, model_engine: str, model_path: str, engine_kwargs: dict[str, Any]
+    resolved: ResolvedModel,
+    model_engine: str,
+    model_path: str,
+    engine_kwargs: dict[str, Any],
+    gpu_idx: list[int] | None = None,
 ) -> Engine:
-    """Build the engine object (not yet loaded) on the worker that will run it."""
+    """Build the engine object (not yet loaded) on the worker that will run it.
+
+    ``gpu_idx``: the GPU ordinals placement booked for this replica, as this
+    worker process sees them (``[]``: a CPU replica; None: nothing placed,
+    the engine's own defaults). Each engine turns them into its own settings
+    (``xdask.engines.devices``); options the user set explicitly win, and one
+    that contradicts the placement is a 400 that says why.
+    """
     kwargs = dict(engine_kwargs)
+    gpu_idx = normalize_gpu_idx(gpu_idx)
     if model_engine == "llama.cpp":
         from xdask.engines.llama_cpp import choose_backend, make_engine
         from xdask.engines.llama_cpp.options import LlamaCppOptions
@@ -99,12 +112,12 @@ def create_engine(
                 "Options llama.cpp accepts: llama_cpp_backend, n_ctx, n_gpu_layers, n_parallel, n_threads",
                 param="engine_kwargs", code="invalid_engine_option",
             )
-        return make_engine(model_path, backend, {"options": options})
+        return make_engine(model_path, backend, {"options": options}, gpu_idx=gpu_idx)
     module_name = _ENGINE_MODULES.get(model_engine)
     if module_name is None:
         raise EngineUnavailableError(f"Unknown engine {model_engine!r}")
     module = importlib.import_module(module_name)
-    return module.make_engine(model_path, resolved.family.context_length, kwargs)
+    return module.make_engine(model_path, resolved.family.context_length, kwargs, gpu_idx=gpu_idx)
 
 
 __all__ = [

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from xdask.engines.base import Delta, Emit, SamplingParams
+from xdask.engines.devices import normalize_gpu_idx
 from xdask.engines.options import EngineOptions
 from xdask.engines.text import IncrementalDetokenizer, StopMatcher
 from xdask.engines.tokenizer_facts import tokenizer_facts
@@ -137,10 +138,12 @@ class MLXEngine:
 
     name: ClassVar[str] = "mlx"
 
-    def __init__(self, model_path: str, options: MLXOptions, context_length: int):
+    def __init__(self, model_path: str, options: MLXOptions, context_length: int, gpu_idx: list[int] | None = None):
         self.model_path = model_path
         self.options = options
         self.context_length = context_length
+        #: The GPU labels placement booked, shown by describe() only: MLX runs on Metal or the CPU.
+        self.gpu_idx = gpu_idx
         self.adds_bos = False
         self.chat_template: str | None = None
         self.special_tokens: dict[str, str] = {}
@@ -195,6 +198,7 @@ class MLXEngine:
             "backend": "mlx-lm",
             **self._versions,
             "device": self._device,
+            "gpu_idx": self.gpu_idx,
             "max_batch_size": self.options.max_batch_size,
             "max_model_len": self.max_model_len,
             "max_kv_size": self.options.max_kv_size,
@@ -484,12 +488,20 @@ def _on_generated(processor: Any, prompt_len: int) -> Any:
     return apply
 
 
-def make_engine(model_path: str, context_length: int, kwargs: dict[str, Any]) -> MLXEngine:
+def make_engine(
+    model_path: str, context_length: int, kwargs: dict[str, Any], gpu_idx: list[int] | None = None
+) -> MLXEngine:
     """Validate launch ``kwargs`` and build the engine (not loaded).
+
+    ``gpu_idx`` is ignored: MLX has one device (Metal on Apple silicon, else
+    the CPU), which CUDA ordinals do not name.
 
     Examples
     --------
     >>> make_engine("/models/tiny", 2048, {"max_batch_size": 4}).max_concurrency
     8
     """
-    return MLXEngine(model_path, MLXOptions.from_kwargs("mlx", kwargs), context_length)
+    gpu_idx = normalize_gpu_idx(gpu_idx)
+    if gpu_idx:
+        logger.debug("MLX runs on Metal or the CPU; GPU indices %s booked for it are ignored", gpu_idx)
+    return MLXEngine(model_path, MLXOptions.from_kwargs("mlx", kwargs), context_length, gpu_idx)

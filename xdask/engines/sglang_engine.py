@@ -79,6 +79,12 @@ from pydantic import Field, field_validator
 from xdask import config
 from xdask.engines.async_bridge import AsyncLoopThread
 from xdask.engines.base import Delta, Emit, SamplingParams
+from xdask.engines.devices import (
+    normalize_gpu_idx,
+    parallel_size,
+    require_gpus,
+    spawn_env,
+)
 from xdask.engines.options import EngineOptions
 from xdask.engines.text import StopMatcher
 from xdask.engines.tokenizer_facts import tokenizer_facts
@@ -217,6 +223,35 @@ def effective_context_length(
     if not family_context_length or not limit:
         return None
     return min(int(family_context_length), int(limit))
+
+
+def placed_options(options: SGLangOptions, gpu_idx: list[int] | None) -> SGLangOptions:
+    """``options`` for a replica on the GPUs placement booked (``gpu_idx``).
+
+    SGLang's scheduler processes are started seeing only the booked GPUs
+    (``spawn_env``), so SGLang counts from the first of them: ``base_gpu_id``
+    is 0, and ``tp_size`` defaults to the number booked (over ``dp_size``).
+    An explicit ``tp_size`` wins unless it needs more GPUs than were booked;
+    that, a ``base_gpu_id`` other than 0, or no GPU booked (SGLang runs on
+    CUDA only) is a 400. None (not placed) changes nothing.
+
+    Examples
+    --------
+    >>> placed_options(SGLangOptions(), [2, 3]).engine_kwargs()
+    {'tp_size': 2, 'base_gpu_id': 0}
+    """
+    if gpu_idx is None:
+        return options
+    require_gpus("sglang", gpu_idx)
+    if options.base_gpu_id:
+        raise InvalidRequestError(
+            f"base_gpu_id={options.base_gpu_id} conflicts with the GPUs placement booked ({gpu_idx}): SGLang "
+            "sees only those and starts at the first; leave base_gpu_id unset, or choose the GPUs with gpu_idx",
+            param="base_gpu_id", code="invalid_engine_option",
+        )
+    tp = parallel_size(gpu_idx, options.tp_size, options.dp_size or 1, engine="sglang",
+                       option="tp_size", other_option="dp_size")
+    return options.model_copy(update={"tp_size": tp, "base_gpu_id": 0})
 
 
 def check_sampling_params(params: SamplingParams) -> None:
@@ -483,9 +518,17 @@ class SGLangEngine:
 
     name: ClassVar[str] = "sglang"
 
-    def __init__(self, model_path: str, options: SGLangOptions, context_length: int | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        options: SGLangOptions,
+        context_length: int | None = None,
+        gpu_idx: list[int] | None = None,
+    ):
         self.model_path = model_path
         self.options = options
+        #: The GPUs placement booked; SGLang's processes see only these (None: not placed).
+        self.gpu_idx = gpu_idx
         #: The context length asked of SGLang (None: SGLang's own); after
         #: ``load()``, the one SGLang serves.
         self.context_length = context_length
@@ -546,7 +589,7 @@ class SGLangEngine:
             kwargs.setdefault("context_length", self.context_length)
         if "incremental_streaming_output" in _server_arg_names():
             kwargs["incremental_streaming_output"] = True  # text deltas: no O(n) text rebuild per token
-        with _root_logging_kept():
+        with spawn_env(self.gpu_idx), _root_logging_kept():  # its scheduler processes start here
             engine = sglang.Engine(model_path=self.model_path, **kwargs)
         logging.getLogger("sglang").setLevel((self.options.log_level or "error").upper())
         tm = engine.tokenizer_manager
@@ -601,6 +644,7 @@ class SGLangEngine:
             "sglang_version": self._version,
             "context_length": self.context_length,
             "max_concurrency": self.max_concurrency,
+            "gpu_idx": self.gpu_idx,
             "tp_size": opts.tp_size or 1,
             "dp_size": opts.dp_size or 1,
             "mem_fraction_static": opts.mem_fraction_static,
@@ -711,8 +755,12 @@ class SGLangEngine:
             logger.warning("SGLang could not abort request %s: %r", request.rid, exc)
 
 
-def make_engine(model_path: str, context_length: int, kwargs: dict[str, Any]) -> SGLangEngine:
+def make_engine(
+    model_path: str, context_length: int, kwargs: dict[str, Any], gpu_idx: list[int] | None = None
+) -> SGLangEngine:
     """Validate launch ``kwargs`` and build the engine (not loaded; sglang is not imported).
+
+    ``gpu_idx``: the GPUs placement booked (``placed_options``); None: not placed.
 
     Examples
     --------
@@ -720,6 +768,7 @@ def make_engine(model_path: str, context_length: int, kwargs: dict[str, Any]) ->
     >>> eng.max_concurrency, eng.context_length
     (32, None)
     """
-    options = SGLangOptions.from_kwargs("sglang", kwargs)
+    gpu_idx = normalize_gpu_idx(gpu_idx)
+    options = placed_options(SGLangOptions.from_kwargs("sglang", kwargs), gpu_idx)
     ctx = effective_context_length(options.context_length, context_length, read_hf_config(model_path))
-    return SGLangEngine(model_path, options, ctx)
+    return SGLangEngine(model_path, options, ctx, gpu_idx)

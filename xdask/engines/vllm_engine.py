@@ -35,6 +35,12 @@ import pydantic
 from xdask import config
 from xdask.engines.async_bridge import AsyncLoopThread
 from xdask.engines.base import Delta, Emit, SamplingParams
+from xdask.engines.devices import (
+    normalize_gpu_idx,
+    parallel_size,
+    require_gpus,
+    spawn_env,
+)
 from xdask.engines.options import EngineOptions
 from xdask.engines.tokenizer_facts import tokenizer_facts
 from xdask.errors import GenerationError, InvalidRequestError, ModelLoadError
@@ -97,6 +103,7 @@ class VLLMOptions(EngineOptions):
     #: Sequences batched at once; also the engine's ``max_concurrency``.
     max_num_seqs: int | None = pydantic.Field(default=None, gt=0)
     max_num_batched_tokens: int | None = pydantic.Field(default=None, gt=0)
+    #: Default: the number of GPUs placement booked (1 when not placed).
     tensor_parallel_size: int = pydantic.Field(default=1, gt=0)
     pipeline_parallel_size: int = pydantic.Field(default=1, gt=0)
     #: "auto": the checkpoint's dtype, except that on CUDA vLLM runs float32
@@ -133,12 +140,14 @@ class VLLMOptions(EngineOptions):
         kwargs: dict[str, Any],
         on_cuda: bool | None = None,
         model_path: str | None = None,
+        gpu_idx: list[int] | None = None,
     ) -> VLLMOptions:
-        """Validate ``kwargs`` (unknown -> 400) and fill the device- and model-dependent defaults."""
+        """Validate ``kwargs`` (unknown -> 400) and fill the device-, model- and placement-dependent defaults."""
         options = cls.from_kwargs("vllm", kwargs)
         if on_cuda is None:
             on_cuda = cuda_available()
-        filled: dict[str, Any] = {}
+        explicit_tp = options.tensor_parallel_size if "tensor_parallel_size" in options.model_fields_set else None
+        filled: dict[str, Any] = placement_args(gpu_idx, explicit_tp, options.pipeline_parallel_size, on_cuda)
         if model_path is not None:
             filled["dtype"] = resolve_dtype(options.dtype, model_path, on_cuda)
         if options.max_model_len is None:
@@ -157,6 +166,35 @@ class VLLMOptions(EngineOptions):
         args = {k: v for k, v in self.model_dump().items() if v is not None}
         args["model"] = model_path
         return args
+
+
+def placement_args(gpu_idx: list[int] | None, explicit_tp: int | None, pipeline: int, on_cuda: bool) -> dict[str, Any]:
+    """``AsyncEngineArgs`` that follow from the GPUs placement booked (``gpu_idx``).
+
+    On CUDA the replica spans the booked GPUs: ``tensor_parallel_size``
+    defaults to their number (over ``pipeline``), an explicit one wins unless
+    it needs more GPUs than were booked (400), and a replica booked no GPU
+    cannot run (400). The engine core sees only the booked GPUs
+    (``spawn_env``), so vLLM's own device numbering starts at them. On the
+    CPU build GPU indices are only labels: ignored, logged.
+
+    Examples
+    --------
+    >>> placement_args([2, 3], None, 1, on_cuda=True)
+    {'tensor_parallel_size': 2}
+    >>> placement_args([0], None, 1, on_cuda=False)
+    {}
+    """
+    if gpu_idx is None:
+        return {}
+    if not on_cuda:
+        if gpu_idx:
+            logger.warning("vLLM runs on the CPU here; GPU indices %s booked for it are ignored", gpu_idx)
+        return {}
+    require_gpus("vllm", gpu_idx)
+    tp = parallel_size(gpu_idx, explicit_tp, pipeline, engine="vllm",
+                       option="tensor_parallel_size", other_option="pipeline_parallel_size")
+    return {"tensor_parallel_size": tp}
 
 
 def checkpoint_dtype(model_path: str) -> str | None:
@@ -215,9 +253,11 @@ class VLLMEngine:
 
     name: ClassVar[str] = "vllm"
 
-    def __init__(self, model_path: str, options: VLLMOptions):
+    def __init__(self, model_path: str, options: VLLMOptions, gpu_idx: list[int] | None = None):
         self.model_path = model_path
         self.options = options
+        #: The GPUs placement booked (None: not placed; labels only on the CPU build).
+        self.gpu_idx = gpu_idx
         self.max_concurrency = int(options.max_num_seqs or 1)
         #: Set by load() from vLLM's tokenizer.
         self.adds_bos = False
@@ -272,8 +312,12 @@ class VLLMEngine:
         bridge.start()
         self._bridge = bridge
         before = set(multiprocessing.active_children())
+        # The engine core (and its workers) must see only the booked GPUs; on
+        # the CPU build they are labels, and there is no GPU to hide.
+        spawn_gpus = self.gpu_idx if self._device == "cuda" else None
         try:
-            self._llm = bridge.run(self._start(engine_args)).result()
+            with spawn_env(spawn_gpus):
+                self._llm = bridge.run(self._start(engine_args)).result()
             self._processes = [p for p in multiprocessing.active_children() if p not in before]
         except BaseException as exc:
             self._bridge = None
@@ -526,6 +570,7 @@ class VLLMEngine:
             "backend": "vllm",
             "vllm_version": self._vllm_version,
             "device": self._device,
+            "gpu_idx": self.gpu_idx,
             "dtype": opts.dtype,
             "max_model_len": self._max_model_len,
             "max_num_seqs": opts.max_num_seqs,
@@ -538,6 +583,11 @@ class VLLMEngine:
         }
 
 
-def make_engine(model_path: str, context_length: int, kwargs: dict[str, Any]) -> VLLMEngine:
-    """Build (not load) a vLLM engine; unknown or ill-typed ``kwargs`` raise ``InvalidRequestError``."""
-    return VLLMEngine(model_path, VLLMOptions.build(context_length, dict(kwargs), model_path=model_path))
+def make_engine(
+    model_path: str, context_length: int, kwargs: dict[str, Any], gpu_idx: list[int] | None = None
+) -> VLLMEngine:
+    """Build (not load) a vLLM engine; unknown or ill-typed ``kwargs``, or ones that contradict
+    the GPUs placement booked (``gpu_idx``, see ``placement_args``), raise ``InvalidRequestError``."""
+    gpu_idx = normalize_gpu_idx(gpu_idx)
+    options = VLLMOptions.build(context_length, dict(kwargs), model_path=model_path, gpu_idx=gpu_idx)
+    return VLLMEngine(model_path, options, gpu_idx)

@@ -12,6 +12,7 @@ import importlib.util
 from typing import Any
 
 from xdask import config
+from xdask.engines.devices import normalize_gpu_idx
 from xdask.errors import EngineUnavailableError
 
 BACKENDS = ("xllamacpp", "llama-cpp-python")
@@ -42,8 +43,14 @@ def choose_backend(requested: str | None = None) -> str:
     return wanted
 
 
-def make_engine(model_path: str, backend: str, options: dict[str, Any]) -> Any:
-    """Build (not load) the engine object for ``backend``."""
+def make_engine(model_path: str, backend: str, options: dict[str, Any], gpu_idx: list[int] | None = None) -> Any:
+    """Build (not load) the engine object for ``backend``.
+
+    ``options["options"]`` is a ``LlamaCppOptions``; ``gpu_idx`` (the GPUs
+    placement booked, ``[]`` for none) pins the model to them
+    (``LlamaCppOptions.placed``); None keeps llama.cpp's own device choice.
+    """
+    options = {**options, "options": options["options"].placed(normalize_gpu_idx(gpu_idx))}
     if backend == "xllamacpp":
         from xdask.engines.llama_cpp.xllamacpp_backend import XllamacppEngine
 

@@ -24,10 +24,14 @@ class GGUFEngineBase:
         self.chat_template = gguf_chat_template(model_path)
 
     def describe(self) -> dict[str, Any]:
+        split = self.options.split
         return {
             "engine": self.name,
             "backend": self.backend,
             "n_ctx": self.options.n_ctx,
             "n_parallel": self.options.n_parallel,
             "n_threads": self.options.n_threads,
+            "n_gpu_layers": self.options.offload_layers,
+            "split_mode": split.split_mode if split else None,
+            "gpu_idx": None if self.options.gpu_idx is None else list(self.options.gpu_idx),
         }

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from xdask.engines.base import Delta, Emit, SamplingParams
 from xdask.engines.llama_cpp.gguf_engine import GGUFEngineBase
-from xdask.engines.llama_cpp.options import LlamaCppOptions
+from xdask.engines.llama_cpp.options import LlamaCppOptions, padded_split
 from xdask.engines.text import StopMatcher
 from xdask.errors import GenerationError, InvalidRequestError, ModelLoadError
 
@@ -159,7 +159,17 @@ class LlamaCppPythonEngine(GGUFEngineBase):
         _route_llama_log(lib)
         lib.llama_backend_init()
         mparams = lib.llama_model_default_params()
-        mparams.n_gpu_layers = 0x7FFFFFFF if self.options.n_gpu_layers < 0 else self.options.n_gpu_layers
+        layers = self.options.offload_layers
+        mparams.n_gpu_layers = 0x7FFFFFFF if layers < 0 else layers
+        split = self.options.split
+        shares = None  # the C array tensor_split points to: it must outlive the load call
+        if split is not None:
+            mparams.main_gpu = split.main_gpu
+            mparams.split_mode = getattr(lib, split.mode_constant)
+            if split.tensor_split:
+                size = lib.llama_max_devices()
+                shares = (ctypes.c_float * size)(*padded_split(split.tensor_split, size))
+                mparams.tensor_split = shares
         model = lib.llama_model_load_from_file(self.model_path.encode("utf-8"), mparams)
         if not model:
             raise ModelLoadError(f"llama-cpp-python could not load {self.model_path}")

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from xdask.engines.base import Delta, Emit, SamplingParams
 from xdask.engines.llama_cpp.gguf_engine import GGUFEngineBase
-from xdask.engines.llama_cpp.options import LlamaCppOptions
+from xdask.engines.llama_cpp.options import LlamaCppOptions, padded_split
 from xdask.errors import GenerationError, InvalidRequestError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,13 @@ class XllamacppEngine(GGUFEngineBase):
         params.n_parallel = self.options.n_parallel
         params.cpuparams.n_threads = self.options.n_threads
         params.cpuparams_batch.n_threads = self.options.n_threads
-        params.n_gpu_layers = self.options.n_gpu_layers
+        params.n_gpu_layers = self.options.offload_layers
+        split = self.options.split
+        if split is not None:
+            params.main_gpu = split.main_gpu
+            params.split_mode = getattr(xllamacpp.llama_split_mode, split.mode_constant)
+            if split.tensor_split:  # xllamacpp takes the whole array (its maximum device count)
+                params.tensor_split = padded_split(split.tensor_split, len(params.tensor_split))
         params.verbosity = -1  # llama.cpp's per-slot timing lines would flood the worker log
         try:
             self._server = xllamacpp.Server(params)

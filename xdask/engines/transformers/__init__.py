@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from xdask.engines.transformers.options import TransformersOptions
+from xdask.engines.devices import normalize_gpu_idx
+from xdask.engines.transformers.options import TransformersOptions, check_device
 
 
-def make_engine(model_path: str, context_length: int, kwargs: dict[str, Any]) -> Any:
-    """Build (not load) the engine; unknown options are a 400."""
+def make_engine(
+    model_path: str, context_length: int, kwargs: dict[str, Any], gpu_idx: list[int] | None = None
+) -> Any:
+    """Build (not load) the engine; unknown options, or a device that contradicts ``gpu_idx``, are a 400.
+
+    ``gpu_idx``: the GPU placement booked (one at most; ``[]``: the CPU;
+    None: not placed, CUDA if torch sees it).
+    """
     from xdask.engines.transformers.engine import TransformersEngine
 
-    return TransformersEngine(model_path, TransformersOptions.from_kwargs("transformers", kwargs), context_length)
+    options = TransformersOptions.from_kwargs("transformers", kwargs)
+    gpu_idx = normalize_gpu_idx(gpu_idx)
+    check_device(options.device, gpu_idx)  # now, not at load: a launch error is a 400
+    return TransformersEngine(model_path, options, context_length, gpu_idx)
 
 
 __all__ = ["TransformersOptions", "make_engine"]

@@ -10,6 +10,7 @@ forward pass instead of queueing behind each other.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -21,7 +22,7 @@ from xdask.engines.base import Delta, Emit, SamplingParams
 from xdask.engines.gguf_meta import gguf_adds_bos, gguf_chat_template
 from xdask.engines.text import IncrementalDetokenizer, StopMatcher
 from xdask.engines.tokenizer_facts import tokenizer_facts
-from xdask.engines.transformers.options import TransformersOptions
+from xdask.engines.transformers.options import TransformersOptions, choose_device
 from xdask.errors import GenerationError, InvalidRequestError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -60,10 +61,18 @@ class TransformersEngine:
 
     name: ClassVar[str] = "transformers"
 
-    def __init__(self, model_path: str, options: TransformersOptions, context_length: int):
+    def __init__(
+        self,
+        model_path: str,
+        options: TransformersOptions,
+        context_length: int,
+        gpu_idx: list[int] | None = None,
+    ):
         self.model_path = model_path
         self.options = options
         self.context_length = context_length
+        #: The GPU placement booked (``[]``: the CPU; None: not placed).
+        self.gpu_idx = gpu_idx
         self.adds_bos = True
         self.chat_template: str | None = None
         self.special_tokens: dict[str, str] = {}
@@ -91,9 +100,7 @@ class TransformersEngine:
         except ImportError as exc:
             raise ModelLoadError("the transformers engine needs torch and transformers: pip install 'xdask[transformers]'") from exc
         opts = self.options
-        cuda = torch.cuda.is_available()
-        device = opts.device if opts.device != "auto" else ("cuda" if cuda else "cpu")
-        self._device = torch.device(device)
+        self._device = torch.device(choose_device(opts.device, self.gpu_idx, torch.cuda.is_available()))
         if self._device.type == "cpu":
             threads = opts.n_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
             torch.set_num_threads(threads)
@@ -138,7 +145,8 @@ class TransformersEngine:
         self.max_model_len = opts.max_model_len or min(self.context_length, config_len)
         self.fused: list[str] = []
         if self._device.type == "cuda" and opts.fuse_kernels:
-            self._fuse()
+            with self._on_device():
+                self._fuse()
         self.max_batch = opts.max_batch_size or (256 if self._device.type == "cuda" else 32)
         self.layout = self._choose_layout()
         if self.layout == "slots" and not opts.max_model_len:
@@ -169,6 +177,22 @@ class TransformersEngine:
             self.fused = []
             unfuse(self._model)
 
+    def _on_device(self) -> Any:
+        """Make the model's GPU this thread's current CUDA device while the block runs.
+
+        Streams, CUDA graphs and ``synchronize()`` use the thread's current
+        device (cuda:0 unless set), not the model's: on ``cuda:1`` they would
+        run on, and allocate a context on, a GPU booked for another replica
+        (checked on two H100s: with this, a model on cuda:1 leaves GPU 0
+        untouched). The current device is per thread, so other models are
+        unaffected.
+        """
+        if self._device is None or self._device.type != "cuda":
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.cuda.device(self._device)
+
     def _choose_layout(self) -> str:
         wanted = self.options.kv_layout
         cfg = self._model.config
@@ -198,6 +222,7 @@ class TransformersEngine:
         return {
             "engine": self.name,
             "device": str(self._device),
+            "gpu_idx": self.gpu_idx,
             "dtype": str(getattr(self._model, "dtype", "")).replace("torch.", ""),
             "max_batch_size": getattr(self, "max_batch", None),
             "max_model_len": self.max_model_len,
@@ -234,6 +259,10 @@ class TransformersEngine:
     # -- scheduler thread ----------------------------------------------------------
 
     def _loop(self) -> None:
+        with self._on_device():  # the scheduler thread drives the model: every step on its GPU
+            self._serve()
+
+    def _serve(self) -> None:
         import torch
 
         batch = self._new_batch()

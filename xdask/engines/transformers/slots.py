@@ -161,7 +161,7 @@ class SlotBatch:
                     self._step(rows, width)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream):  # on this model's GPU, not the first one
                 logits = self._step(rows, width)
             self._pool = graph.pool()
             self.cache.positions.copy_(saved)  # warm-ups and capture wrote harmless columns only
