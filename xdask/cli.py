@@ -1,4 +1,6 @@
-"""Command line: ``xdask-local`` and ``xdask <command>``.
+"""Command line: ``xdask-local``, ``xdask-server`` and ``xdask <command>``.
+
+``xdask-worker`` (cluster mode's worker) lives in :mod:`xdask.cli_cluster`.
 
 Every ``xdask`` command talks to a server over HTTP (``--endpoint``/``-e``,
 default ``XDASK_ENDPOINT`` or http://127.0.0.1:9997), so it works the same
@@ -14,7 +16,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import click
 import httpx
@@ -44,8 +47,17 @@ def _client(endpoint: str | None) -> Client:
     return Client(endpoint)
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     raise click.ClickException(str(exc))
+
+
+def _ask(endpoint: str | None, call: Callable[[Client], Any]) -> Any:
+    """``call(client)`` against the server; a failure is one error line, not a traceback."""
+    try:
+        with _client(endpoint) as client:
+            return call(client)
+    except _CLIENT_ERRORS as exc:
+        _fail(exc)
 
 
 # -- xdask-local ----------------------------------------------------------------
@@ -107,13 +119,19 @@ def main() -> None:
     """xdask: serve open models on Dask through an OpenAI-compatible API."""
 
 
-@main.command()
+@click.command(name="xdask-server")
 @click.option("--scheduler", required=True, help="Address of a running Dask scheduler, e.g. tcp://10.0.0.1:8786.")
-@click.option("--host", "-H", default=None)
-@click.option("--port", "-p", default=None, type=int)
+@click.option("--host", "-H", default=None, help="Address to listen on (default 127.0.0.1; 0.0.0.0 for all).")
+@click.option("--port", "-p", default=None, type=int, help="Port of the HTTP API (default 9997).")
 @click.option("--log-level", default="INFO", show_default=True)
-def serve(scheduler: str, host: str | None, port: int | None, log_level: str) -> None:
-    """Serve the HTTP API for models on an existing Dask cluster (cluster mode)."""
+def server_main(scheduler: str, host: str | None, port: int | None, log_level: str) -> None:
+    """Serve the HTTP API for models on an existing Dask cluster (cluster mode).
+
+    Start the cluster with ``dask scheduler`` and ``xdask-worker``; this
+    server registers xdask's model registry on the scheduler (idempotently)
+    and logs to ``XDASK_HOME/logs/server_<ms>/xdask.log``. ``xdask serve`` is
+    the same command.
+    """
     from xdask_server import make_app, start_http_server
 
     from xdask.cluster.supervisor import Supervisor
@@ -124,7 +142,10 @@ def serve(scheduler: str, host: str | None, port: int | None, log_level: str) ->
 
     async def run() -> None:
         log_path = setup_logging("server", level=log_level.upper())
-        supervisor = await Supervisor.connect(scheduler)
+        try:
+            supervisor = await Supervisor.connect(scheduler)
+        except (OSError, TimeoutError) as exc:
+            raise click.ClickException(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
         server = start_http_server(make_app(supervisor), host, port)
         click.echo(f"xdask is serving at http://{host}:{port}  (Dask scheduler {scheduler})\nlogs: {log_path}")
         stop = asyncio.Event()
@@ -135,6 +156,10 @@ def serve(scheduler: str, host: str | None, port: int | None, log_level: str) ->
         await supervisor.close()
 
     asyncio.run(run())
+
+
+#: ``xdask serve``: the same command as ``xdask-server`` (one implementation).
+main.add_command(server_main, name="serve")
 
 
 def _parse_value(value: str) -> Any:
@@ -167,6 +192,73 @@ def _passthrough(args: list[str]) -> dict[str, Any]:
     return out
 
 
+def _parse_n_gpu(value: str | None) -> int | str | None:
+    """``--n-gpu``: a count, ``auto`` (kept as is), or ``none``/``cpu``/``0`` (the CPU, sent as 0).
+
+    ``None`` (the option not given) stays out of the payload, so the server's
+    default (``auto``) applies. ``none`` is sent as ``0`` because the client
+    drops ``None`` values from the payload.
+    """
+    if value is None:
+        return None
+    lowered = value.strip().lower()
+    if lowered == "auto":
+        return "auto"
+    if lowered in ("none", "cpu"):
+        return 0
+    try:
+        count = int(lowered)
+    except ValueError:
+        raise click.BadParameter(f"expected a number, auto or none, not {value!r}", param_hint="--n-gpu") from None
+    if count < 0:
+        raise click.BadParameter(f"expected a number >= 0, not {value!r}", param_hint="--n-gpu")
+    return count
+
+
+def _parse_gpu_idx(value: str | None) -> list[int] | None:
+    """``--gpu-idx 0,1`` -> ``[0, 1]`` (indices of the chosen worker's GPUs)."""
+    if value is None:
+        return None
+    try:
+        indices = [int(part) for part in value.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise click.BadParameter(f"expected GPU indices like 0,1, not {value!r}", param_hint="--gpu-idx") from None
+    if not indices or any(i < 0 for i in indices):
+        raise click.BadParameter(f"expected GPU indices >= 0 like 0,1, not {value!r}", param_hint="--gpu-idx")
+    return indices
+
+
+def launch_payload(*, model_name: str, model_type: str = "LLM", model_engine: str | None = None,
+                   model_format: str | None = None, size_in_billions: str | None = None,
+                   quantization: str | None = None, model_uid: str | None = None, model_path: str | None = None,
+                   n_gpu: str | None = None, gpu_idx: str | None = None, replica: int | None = None,
+                   worker_ip: str | None = None, worker_address: str | None = None,
+                   restart_on_failure: bool | None = None, kwargs: Sequence[str] = (),
+                   extra_args: Sequence[str] = ()) -> dict[str, Any]:
+    """The keyword arguments of ``Client.launch_model`` for ``xdask launch``'s options.
+
+    Apart from the CLI so that its parsing is tested without a server.
+    Options left out are not in the result (the server's defaults apply);
+    ``extra_args`` (unknown ``--name value``) and ``kwargs``
+    (``KEY=VALUE``) are engine options.
+    """
+    engine_options: dict[str, Any] = _passthrough(list(extra_args))
+    for item in kwargs:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--kwarg")
+        engine_options[key] = _parse_value(value)
+    named = {
+        "model_name": model_name, "model_type": model_type, "model_engine": model_engine,
+        "model_uid": model_uid, "model_size_in_billions": size_in_billions, "model_format": model_format,
+        "quantization": quantization, "model_path": model_path, "n_gpu": _parse_n_gpu(n_gpu),
+        "gpu_idx": _parse_gpu_idx(gpu_idx), "replica": replica, "worker_ip": worker_ip,
+        "worker_address": worker_address, "restart_on_failure": restart_on_failure,
+    }
+    # An option given both ways (``--n-gpu 1`` and ``--n_gpu 1``): the named one wins.
+    return {**engine_options, **{k: v for k, v in named.items() if v is not None}}
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @endpoint_option
 @click.option("--model-name", "-n", required=True, help="Registered model family, e.g. gemma-3-270m.")
@@ -177,35 +269,28 @@ def _passthrough(args: list[str]) -> dict[str, Any]:
 @click.option("--quantization", "-q", default=None, help="Quantization, e.g. Q4_K_M.")
 @click.option("--model-uid", "-u", default=None, help="Uid of the launched model (default: the model name).")
 @click.option("--model-type", "-t", default="LLM", show_default=True)
-@click.option("--n-gpu", default="auto", show_default=True, help="GPUs per replica: a number, auto or none.")
+@click.option("--n-gpu", default=None, help="GPUs per replica: a number, auto or none/0 for the CPU (default auto).")
+@click.option("--gpu-idx", default=None, metavar="I,J", help="GPU indices on the chosen worker, e.g. 0,1.")
+@click.option("--replica", default=None, type=click.IntRange(min=1), help="Copies of the model (default 1).")
+@click.option("--worker-ip", default=None, help="Place the model on a worker of this host.")
+@click.option("--worker-address", default=None, help="Place the model on this worker, e.g. tcp://10.0.0.2:40123.")
+@click.option("--restart-on-failure/--no-restart-on-failure", default=None,
+              help="Relaunch replicas lost with their worker (default: the server's setting).")
 @click.option("--model-path", default=None, help="Local weights instead of the catalog's sources.")
 @click.option("--kwarg", "kwargs", multiple=True, metavar="KEY=VALUE", help="Engine option, e.g. n_parallel=8.")
 @click.pass_context
-def launch(ctx: click.Context, endpoint: str | None, model_name: str, model_engine: str | None,
-           model_format: str | None, size_in_billions: str | None, quantization: str | None,
-           model_uid: str | None, model_type: str, n_gpu: str, model_path: str | None,
-           kwargs: tuple[str, ...]) -> None:
+def launch(ctx: click.Context, endpoint: str | None, model_engine: str | None, **options: Any) -> None:
     """Launch a model; prints its uid and engine when it is ready.
 
     Any other ``--name value`` is an engine option passed through, e.g.
     ``--n_ctx 4096`` or ``--gpu_memory_utilization 0.9``; the engine rejects
     names it does not know.
     """
-    extra: dict[str, Any] = _passthrough(list(ctx.args))
-    for item in kwargs:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--kwarg")
-        extra[key] = _parse_value(value)
-    n_gpu_value: Any = None if n_gpu.lower() == "none" else (n_gpu if n_gpu == "auto" else int(n_gpu))
+    payload = launch_payload(model_engine=model_engine, extra_args=ctx.args, **options)
     try:
         with _client(endpoint) as client:
             started = time.monotonic()
-            uid = client.launch_model(
-                model_name, model_type=model_type, model_engine=model_engine, model_uid=model_uid,
-                model_size_in_billions=size_in_billions, model_format=model_format,
-                quantization=quantization, n_gpu=n_gpu_value, model_path=model_path, **extra,
-            )
+            uid = client.launch_model(**payload)
             engine = client.describe_model(uid).get("model_engine")
     except _CLIENT_ERRORS as exc:
         _fail(exc)
@@ -267,6 +352,73 @@ def list_cmd(endpoint: str | None) -> None:
         table.add_row(uid, m["model_type"], m["model_name"], m["model_engine"], m["model_format"],
                       str(m["model_size_in_billions"]), m["quantization"], m["state"], str(m["address"]))
     Console(width=200).print(table)
+
+
+def _workers_table(workers: list[dict[str, Any]]) -> Any:
+    """A rich table of ``Client.list_workers()``: where GPUs and models are, and memory."""
+    from dask.utils import format_bytes
+    from rich.table import Table
+
+    table = Table("Address", "Name", "Status", "GPUs used/total", "Models", "Memory used/limit")
+    for w in workers:
+        gpus = w.get("gpus") or {}
+        total = gpus.get("total", (w.get("resources") or {}).get("GPU", 0))
+        used, free = gpus.get("used") or [], gpus.get("free") or []
+        gpu_cell = f"{len(used)}/{int(total)}"
+        if total:
+            gpu_cell += f"  used {used or '-'} free {free or '-'}"
+        models = ", ".join(
+            f"{m['model_uid']}:{m.get('replica_id', 0)}" + (f" {m['gpu_idx']}" if m.get("gpu_idx") else "")
+            for m in w.get("models") or []
+        )
+        memory = w.get("memory") or {}
+        limit = memory.get("limit")
+        mem_cell = f"{format_bytes(memory.get('used') or 0)} / {format_bytes(limit) if limit else 'no limit'}"
+        table.add_row(str(w.get("address")), str(w.get("name", "")), str(w.get("status", "")), gpu_cell,
+                      models or "-", mem_cell)
+    return table
+
+
+@main.command()
+@endpoint_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw list as JSON.")
+def workers(endpoint: str | None, as_json: bool) -> None:
+    """List the cluster's Dask workers: GPUs, models and memory."""
+    from rich.console import Console
+
+    items = _ask(endpoint, lambda client: client.list_workers())
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    Console(width=200).print(_workers_table(items))
+
+
+def _brief(value: Any) -> str:
+    """One line for a health field, whatever its shape (dict, list or scalar)."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_brief(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, list):
+        return ", ".join(_brief(v) for v in value) or "-"
+    return str(value)
+
+
+@main.command()
+@endpoint_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw answer as JSON.")
+def health(endpoint: str | None, as_json: bool) -> None:
+    """Cluster health: scheduler, workers, models by state, problems; exit code 1 unless ok."""
+    report = _ask(endpoint, lambda client: client.cluster_health())
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"status: {report.get('status')}")
+        for key in ("scheduler", "workers", "models"):
+            if key in report:
+                click.echo(f"{key}: {_brief(report[key])}")
+        for problem in report.get("problems") or []:
+            click.echo(f"problem: {problem}")
+    if report.get("status") != "ok":
+        sys.exit(1)
 
 
 @main.command()

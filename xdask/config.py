@@ -79,10 +79,21 @@ def home() -> pathlib.Path:
 
 
 def log_dir(role: str) -> pathlib.Path:
-    """A fresh ``XDASK_HOME/logs/<role>_<ms>/`` folder for one process's log."""
-    path = home() / "logs" / f"{role}_{int(time.time() * 1000)}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """A fresh ``XDASK_HOME/logs/<role>_<ms>/`` folder for one process's log.
+
+    Processes started in the same millisecond (three workers of one command)
+    must not share a file: the next free millisecond is taken instead.
+    """
+    base = home() / "logs"
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = int(time.time() * 1000)
+    while True:
+        path = base / f"{role}_{stamp}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            stamp += 1
 
 
 load()

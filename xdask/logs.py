@@ -1,4 +1,18 @@
-"""Logging: a rotating file per process role under ``XDASK_HOME/logs``."""
+"""Logging: a rotating file per process role under ``XDASK_HOME/logs``.
+
+Every xdask process logs to ``XDASK_HOME/logs/<role>_<ms>/xdask.log``, with
+``role`` one of ``local`` (``xdask-local``), ``server`` (``xdask-server``),
+``scheduler`` (``dask scheduler --preload xdask.cluster.scheduler_preload``)
+and ``worker`` (the preload that ``xdask-worker`` adds).
+
+Examples
+--------
+>>> from xdask.logs import setup_logging                         # doctest: +SKIP
+>>> setup_logging("server")
+PosixPath('/root/.xdask/logs/server_1764172800000/xdask.log')
+>>> setup_logging("server")          # a second call keeps the first file
+PosixPath('/root/.xdask/logs/server_1764172800000/xdask.log')
+"""
 
 from __future__ import annotations
 
@@ -10,22 +24,59 @@ from xdask import config
 
 _FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
+#: Loggers that get the file handler besides the root logger: Dask's logging
+#: setup gives ``distributed`` (and ``tornado``) their own stderr handler and
+#: turns propagation off, so records would never reach a root handler.
+_NON_PROPAGATING = ("distributed", "tornado")
+
+
+class _XdaskFileHandler(logging.handlers.RotatingFileHandler):
+    """The one file handler xdask installs per process (its type marks it)."""
+
+
+class _XdaskConsoleHandler(logging.StreamHandler):
+    """xdask's warnings on stderr (its type marks it)."""
+
+
+def _installed() -> _XdaskFileHandler | None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _XdaskFileHandler):
+            return handler
+    return None
+
 
 def setup_logging(role: str, level: str | int = "INFO", console: bool = True) -> pathlib.Path:
     """Log ``xdask``, ``distributed`` and ``tornado`` to ``logs/<role>_<ms>/xdask.log``.
 
     Returns the log file's path, which the CLI prints.
+
+    Safe to call more than once in a process: a process has one log, so a later
+    call (a worker preload running inside ``xdask-local``'s process, a second
+    server in a test) only applies ``level`` (and ``console``) and returns the
+    file the first call opened, instead of adding handlers that would write
+    every record twice.
     """
-    path = config.log_dir(role) / "xdask.log"
-    file_handler = logging.handlers.RotatingFileHandler(path, maxBytes=50 * 2**20, backupCount=5)
-    file_handler.setFormatter(logging.Formatter(_FORMAT))
-    root = logging.getLogger()
-    root.addHandler(file_handler)
-    for name in ("xdask", "xdask_server"):
-        logging.getLogger(name).setLevel(level)
-    if console:
-        stream = logging.StreamHandler()
+    xdask_loggers = [logging.getLogger(name) for name in ("xdask", "xdask_server")]
+    for logger in xdask_loggers:
+        logger.setLevel(level)
+    if console and not any(isinstance(h, _XdaskConsoleHandler) for h in xdask_loggers[0].handlers):
+        stream = _XdaskConsoleHandler()
         stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         stream.setLevel(logging.WARNING)
-        logging.getLogger("xdask").addHandler(stream)
+        xdask_loggers[0].addHandler(stream)
+    existing = _installed()
+    if existing is not None:
+        return pathlib.Path(existing.baseFilename)
+    # Dask configures its loggers when distributed is first imported; do it now
+    # so that the propagation check below sees the final state.
+    import distributed.config  # noqa: F401
+
+    path = config.log_dir(role) / "xdask.log"
+    file_handler = _XdaskFileHandler(path, maxBytes=50 * 2**20, backupCount=5)
+    file_handler.setFormatter(logging.Formatter(_FORMAT))
+    logging.getLogger().addHandler(file_handler)
+    for name in _NON_PROPAGATING:
+        logger = logging.getLogger(name)
+        if not logger.propagate:
+            logger.addHandler(file_handler)
     return path
