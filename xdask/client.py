@@ -139,7 +139,14 @@ class Client:
         quantization: str | None = None,
         **kwargs: Any,
     ) -> str:
-        """Launch a model and wait until it is ready; returns its uid."""
+        """Launch a model and wait until every replica is ready; returns its uid.
+
+        Placement keywords: ``replica`` (copies on different GPUs/workers),
+        ``n_gpu`` (count, ``"auto"``, or ``0`` for the CPU),
+        ``gpu_idx`` (indices on the chosen worker), ``worker_ip`` /
+        ``worker_address`` (pin), ``restart_on_failure``. Other keywords are
+        engine options.
+        """
         payload = {
             "model_name": model_name,
             "model_type": model_type,
@@ -166,6 +173,17 @@ class Client:
 
     def terminate_model(self, model_uid: str) -> None:
         self._request("DELETE", f"/v1/models/{model_uid}")
+
+    def list_workers(self) -> list[dict[str, Any]]:
+        """The cluster's workers: address, resources, GPUs used and free, replicas, memory."""
+        return self._request("GET", "/v1/cluster/workers")["data"]
+
+    def cluster_health(self) -> dict[str, Any]:
+        """``{"status": "ok" | "degraded" | "down", "problems": [...], ...}`` (no exception when unhealthy)."""
+        resp = self._http.get("/v1/cluster/health")
+        if resp.status_code not in (200, 503):
+            _raise_for_error(resp)
+        return resp.json()
 
     def query_engines(self, model_name: str) -> dict[str, list[dict[str, Any]]]:
         """Engine -> the specs of ``model_name`` it can run on the cluster (``available``, else ``reason``)."""

@@ -87,6 +87,13 @@ class ModelNotReadyError(XdaskError):
     type = "service_unavailable"
 
 
+class InsufficientResourcesError(ModelNotReadyError):
+    """No worker has room for the launch now: GPUs, memory, or a pinned worker (503)."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "insufficient_resources"):
+        super().__init__(message, param=param, code=code)
+
+
 class EngineUnavailableError(InvalidRequestError):
     """No installed engine can run this model spec (400, says what to install)."""
 
@@ -112,8 +119,6 @@ class RequestTimeoutError(XdaskError):
 
     status = 504
     type = "timeout_error"
-
-
 
 
 def from_dict(body: dict[str, Any], status: int) -> XdaskError:

@@ -27,6 +27,8 @@ def make_app(supervisor: Supervisor) -> web.Application:
         (r"/v1/model_registrations/([^/]+)", h.RegistrationsHandler),
         (r"/v1/model_registrations/([^/]+)/([^/]+)", h.RegistrationsHandler),
         (r"/v1/cluster/auth", h.ClusterAuthHandler),
+        (r"/v1/cluster/workers", h.ClusterWorkersHandler),
+        (r"/v1/cluster/health", h.ClusterHealthHandler),
         (r"/status", h.HealthHandler),
     ]
     return web.Application(

@@ -215,7 +215,7 @@ class ModelHandler(BaseHandler):
     """``GET``/``DELETE /v1/models/{uid}``."""
 
     async def get(self, uid: str) -> None:
-        self.write_json(describe(await self.supervisor.get_model(uid)))
+        self.write_json(describe(await self.supervisor.describe_model(uid)))
 
     async def delete(self, uid: str) -> None:
         await self.supervisor.terminate(uid)
@@ -243,6 +243,21 @@ class ClusterAuthHandler(BaseHandler):
 
     def get(self) -> None:
         self.write_json({"auth": False})
+
+
+class ClusterWorkersHandler(BaseHandler):
+    """``GET /v1/cluster/workers``: address, resources, used/free GPUs, models and memory of each worker."""
+
+    async def get(self) -> None:
+        self.write_json({"object": "list", "data": await self.supervisor.workers()})
+
+
+class ClusterHealthHandler(BaseHandler):
+    """``GET /v1/cluster/health``: 200 when all is well, 503 with the problems otherwise."""
+
+    async def get(self) -> None:
+        health = await self.supervisor.health()
+        self.write_json(health, status=200 if health["status"] == "ok" else 503)
 
 
 class HealthHandler(BaseHandler):

@@ -142,10 +142,18 @@ class LaunchModelRequest(BaseModel):
     model_format: str | None = None
     model_size_in_billions: int | float | str | None = None
     quantization: str | None = None
-    replica: int = Field(default=1, ge=1)
+    replica: int = Field(default=1, ge=1, le=1024)
+    #: GPUs per replica: a count, "auto" (one if a worker has one free, else the CPU), or 0/null for CPU only.
     n_gpu: int | str | None = "auto"
+    #: Explicit GPU indices on the chosen worker.
     gpu_idx: int | list[int] | None = None
-    worker_ip: str | None = None
+    #: Pin to the workers of one host, or to one worker address.
+    worker_ip: str | None = Field(default=None, max_length=256)
+    worker_address: str | None = Field(default=None, max_length=256)
+    #: Relaunch replicas lost with a dead worker (default: xdask.cluster.restart-on-failure).
+    restart_on_failure: bool | None = None
+    #: Let explicit gpu_idx share GPUs already booked by other models.
+    allow_shared_gpu: bool = False
     model_path: str | None = None
 
     def to_launch_dict(self) -> dict[str, Any]:

@@ -24,17 +24,32 @@ from xdask_server.protocol import (
 )
 
 
+def _replica_view(rep: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "replica_id": rep["replica_id"],
+        "address": rep["address"],
+        "gpu_idx": rep.get("gpu_idx") or [],
+        "state": rep["state"],
+        "since": rep.get("since"),
+        "attempts": rep.get("attempts", 1),
+        "error": rep.get("error"),
+        "load": rep.get("load"),
+        "engine": rep.get("engine"),
+    }
+
+
 def describe(record: dict[str, Any]) -> dict[str, Any]:
-    """A running model in Xinference's ``describe_model`` shape (+ OpenAI ids)."""
+    """A running model in Xinference's ``describe_model`` shape (+ OpenAI ids, replicas, history)."""
     spec = record["spec"]
     replicas = record["replicas"]
+    serving = [r for r in replicas if r["state"] == "ready"] or replicas
     return {
         "id": record["model_uid"],
         "object": "model",
         "created": int(record.get("created", 0)),
         "owned_by": "xdask",
         "model_type": spec["model_type"],
-        "address": replicas[0]["address"] if replicas else None,
+        "address": serving[0]["address"] if serving else None,
         "accelerators": [str(i) for r in replicas for i in (r.get("gpu_idx") or [])],
         "model_name": spec["model_name"],
         "model_lang": spec["model_lang"],
@@ -50,7 +65,10 @@ def describe(record: dict[str, Any]) -> dict[str, Any]:
         "context_length": spec["context_length"],
         "replica": len(replicas),
         "state": record["state"],
-        "engine": replicas[0].get("engine") if replicas else None,
+        "restart_on_failure": record.get("restart_on_failure", True),
+        "engine": serving[0].get("engine") if serving else None,
+        "replicas": [_replica_view(r) for r in replicas],
+        "history": record.get("history", []),
     }
 
 

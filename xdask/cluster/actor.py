@@ -31,6 +31,7 @@ from distributed import get_worker
 
 from xdask.cluster.generation import build_params, build_prompt
 from xdask.cluster.stream import install_stream_handler
+from xdask.cluster.worker import gpu_ledger
 from xdask.engines import create_engine
 from xdask.engines.base import Delta
 from xdask.errors import ModelNotReadyError, XdaskError
@@ -50,26 +51,46 @@ class ModelActor:
     def __init__(self, uid: str, launch: dict[str, Any]):
         self.uid = uid
         self.launch = launch
+        self.replica_id = launch.get("replica_id", 0)
+        self.gpu_idx: list[int] | None = launch.get("gpu_idx")
         self.resolved = ResolvedModel.model_validate(launch["resolved"])
-        path = locate_model(self.resolved, launch.get("model_path"))
-        self.model_path = str(path)
-        self.engine = create_engine(self.resolved, launch["model_engine"], self.model_path, launch.get("engine_kwargs") or {})
-        self.engine.load()
+        worker = get_worker()
+        # The worker's own ledger double-checks the scheduler's booking (and frees it on shutdown).
+        self._ledger = gpu_ledger(worker)
+        self._holder = worker.get_current_task() or f"{uid}/{self.replica_id}"
+        self._ledger.claim(self._holder, list(self.gpu_idx or []), alive=set(worker.state.tasks),
+                           shared=bool(launch.get("allow_shared_gpu")))
+        try:
+            path = locate_model(self.resolved, launch.get("model_path"))
+            self.model_path = str(path)
+            self.engine = create_engine(
+                self.resolved, launch["model_engine"], self.model_path, launch.get("engine_kwargs") or {},
+                gpu_idx=self.gpu_idx,
+            )
+            self.engine.load()
+        except BaseException:
+            self._ledger.release(self._holder)
+            raise
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, self.engine.max_concurrency), thread_name_prefix=f"xdask-{uid}"
         )
         self._closed = False
         self._in_flight = 0  # requests being streamed
         self._generating = 0  # engine jobs still running (a cancelled one ends at its next token)
-        install_stream_handler(get_worker())
-        logger.info("Model %s loaded from %s with %s", uid, self.model_path, self.engine.describe())
+        self._requests_total = 0  # requests taken since load (how routing spread them)
+        install_stream_handler(worker)
+        logger.info("Model %s/%s loaded from %s on GPU %s with %s", uid, self.replica_id, self.model_path,
+                    self.gpu_idx, self.engine.describe())
 
     async def describe(self) -> dict[str, Any]:
         """What runs here: engine facts, path and in-flight request count."""
         return {
             "model_uid": self.uid,
+            "replica_id": self.replica_id,
+            "gpu_idx": self.gpu_idx,
             "model_path": self.model_path,
             "in_flight": self._in_flight,
+            "requests_total": self._requests_total,
             "generating": self._generating,
             **self.engine.describe(),
         }
@@ -102,6 +123,7 @@ class ModelActor:
             return cancelled.is_set()
 
         self._in_flight += 1
+        self._requests_total += 1
         self._generating += 1
         job = loop.run_in_executor(self._pool, self.engine.generate, prompt, params, emit)
         job.add_done_callback(self._job_done)
@@ -163,6 +185,7 @@ class ModelActor:
         # close() may wait for running requests (llama-cpp-python's lock): off the loop.
         await loop.run_in_executor(None, self.engine.close)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._ledger.release(self._holder)
         gc.collect()
         logger.info("Model %s shut down", self.uid)
         return True

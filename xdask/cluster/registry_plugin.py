@@ -1,12 +1,17 @@
 """``ModelRegistry``: the scheduler plugin that is the single source of truth.
 
-It holds, for every model uid, its spec and state and, per replica, the
-worker address and actor key. Any process with a Dask client reads it with
-``await client.scheduler.xdask_models()`` (~0.3 ms), so a second server or a
-notebook sees the same models. Holding the actor keys here (as a pseudo
-client that "wants" them) keeps actors alive after the launching client
-disconnects. Dask resources do not pin actors, so GPU indices are booked
-here too.
+It holds, for every model uid, its spec, the launch recipe and, per
+replica, the worker address, GPU indices, actor key, state and history. Any
+process with a Dask client reads it with ``await client.scheduler.xdask_models()``
+(~0.3 ms), so a second or restarted server, or a notebook, sees the same
+models. Holding the actor keys here (as a pseudo client that "wants" them)
+keeps actors alive after the launching client disconnects.
+
+Placement runs here too: Dask resources do not pin actors, so GPU indices
+are booked by this plugin, and choosing and booking happen in one handler
+call on the scheduler's event loop, so two launches can never race for one
+index. When a worker dies, ``remove_worker`` marks its replicas lost within
+milliseconds; a server relaunches them through ``xdask_claim_relaunch``.
 
 Examples
 --------
@@ -18,26 +23,58 @@ Examples
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
+
+from xdask.cluster.placement import PlacementRequest, WorkerView, place_replicas
+from xdask.errors import XdaskError
 
 logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "xdask-registry"
 #: The pseudo client under which the registry holds actor keys.
 HOLDER = "xdask-registry"
+#: Replica states that hold their worker's GPU indices.
+_BOOKING_STATES = {"launching", "ready", "relaunching"}
+_HISTORY = 200
+
+
+def model_state(record: dict[str, Any]) -> str:
+    """A model's state from its replicas'.
+
+    ``ready``: every replica serves; ``degraded``: some do; ``launching``:
+    none yet, first launch; ``lost``: none, after a failure.
+    """
+    states = [r["state"] for r in record["replicas"]]
+    ready = states.count("ready")
+    if ready == len(states):
+        return "ready"
+    if ready:
+        return "degraded"
+    if all(s == "launching" for s in states) and not record.get("was_ready"):
+        return "launching"
+    return "lost"
+
+
+def _error(exc: XdaskError) -> dict[str, Any]:
+    return {"ok": False, "status": exc.status, "type": exc.type, "message": exc.message,
+            "param": exc.param, "code": exc.code}
 
 
 class ModelRegistry(SchedulerPlugin):
-    """Scheduler-side registry of running models and booked GPUs.
+    """Scheduler-side registry of running models, replicas and booked GPUs.
 
-    A record is ``{"model_uid", "state", "spec": {...}, "replicas": [
-    {"address", "actor_key", "gpu_idx"}], "created"}`` with ``state`` one of
-    ``launching``, ``ready``, ``lost``.
+    A record is ``{"model_uid", "state", "spec", "launch", "placement",
+    "restart_on_failure", "replicas": [{"replica_id", "address", "gpu_idx",
+    "actor_key", "state", "engine", "attempts", "since", "error"}],
+    "history": [...], "created"}``; replica states are ``launching``,
+    ``ready``, ``lost`` and ``relaunching``.
     """
 
     name = PLUGIN_NAME
@@ -45,85 +82,267 @@ class ModelRegistry(SchedulerPlugin):
 
     def __init__(self) -> None:
         self.records: dict[str, dict[str, Any]] = {}
+        self.events: deque[dict[str, Any]] = deque(maxlen=_HISTORY)
         self.scheduler: Any = None
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
         scheduler.handlers.update(
             {
-                "xdask_reserve_model": self.reserve,
-                "xdask_model_ready": self.ready,
+                "xdask_place": self.place,
+                "xdask_replica_ready": self.replica_ready,
+                "xdask_replica_failed": self.replica_failed,
+                "xdask_claim_relaunch": self.claim_relaunch,
                 "xdask_remove_model": self.remove,
                 "xdask_models": self.models,
                 "xdask_model": self.model,
                 "xdask_gpu_bookings": self.gpu_bookings,
+                "xdask_workers": self.workers,
+                "xdask_cluster_events": self.cluster_events,
             }
         )
 
-    # -- handlers (called as ``await client.scheduler.<name>(...)``) --------
+    # -- placement and launch --------------------------------------------
 
-    def reserve(self, uid: str, spec: dict[str, Any], replicas: list[dict[str, Any]]) -> dict[str, Any]:
-        """Claim ``uid`` and its GPUs before the actor starts; fails if taken."""
+    def _worker_views(self, gpu_free: dict[str, dict[int, int]] | None) -> dict[str, WorkerView]:
+        views = {}
+        for addr, ws in self.scheduler.workers.items():
+            views[addr] = WorkerView(
+                address=addr,
+                gpus=int((ws.resources or {}).get("GPU", 0)),
+                memory_limit=int(ws.memory_limit or 0),
+                memory_used=int(ws.memory.process),
+                gpu_free={int(k): int(v) for k, v in ((gpu_free or {}).get(addr) or {}).items()},
+                running=ws.status.name in ("running", "paused"),
+            )
+        return views
+
+    def _bookings(self, skip: tuple[str, int] | None = None) -> dict[str, dict[int, str]]:
+        out: dict[str, dict[int, str]] = {}
+        for uid, record in self.records.items():
+            for rep in record["replicas"]:
+                if rep["state"] in _BOOKING_STATES and (uid, rep["replica_id"]) != skip and rep["address"]:
+                    for i in rep.get("gpu_idx") or []:
+                        out.setdefault(rep["address"], {})[i] = f"{uid}/{rep['replica_id']}"
+        return out
+
+    def _replicas_per_worker(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for record in self.records.values():
+            for rep in record["replicas"]:
+                if rep["state"] in _BOOKING_STATES and rep["address"]:
+                    out[rep["address"]] = out.get(rep["address"], 0) + 1
+        return out
+
+    def place(
+        self,
+        uid: str,
+        spec: dict[str, Any],
+        launch: dict[str, Any],
+        placement: dict[str, Any],
+        restart_on_failure: bool = True,
+        excluded: dict[str, str] | None = None,
+        gpu_free: dict[str, dict[int, int]] | None = None,
+    ) -> dict[str, Any]:
+        """Choose and book every replica of a new model in one step; the record starts ``launching``."""
         if uid in self.records:
-            return {"ok": False, "reason": f"Model uid {uid!r} is already in use"}
-        for rep in replicas:
-            booked = self._booked(rep["address"])
-            clash = booked & set(rep.get("gpu_idx") or [])
-            if clash:
-                return {"ok": False, "reason": f"GPU {sorted(clash)} on {rep['address']} already in use"}
+            return {"ok": False, "status": 409, "type": "conflict_error",
+                    "message": f"Model uid {uid!r} is already in use", "param": "model_uid", "code": None}
+        req = PlacementRequest(**placement)
+        try:
+            chosen = place_replicas(
+                self._worker_views(gpu_free), self._bookings(), self._replicas_per_worker(), req, excluded=excluded
+            )
+        except XdaskError as exc:
+            return _error(exc)
+        now = time.time()
+        replicas = [
+            {"replica_id": i, "address": p.address, "gpu_idx": p.gpu_idx, "actor_key": None, "state": "launching",
+             "engine": None, "attempts": 1, "since": now, "error": None}
+            for i, p in enumerate(chosen)
+        ]
         self.records[uid] = {
-            "model_uid": uid,
-            "state": "launching",
-            "spec": spec,
-            "replicas": copy.deepcopy(replicas),
-            "created": time.time(),
+            "model_uid": uid, "state": "launching", "spec": spec, "launch": launch, "placement": placement,
+            "restart_on_failure": bool(restart_on_failure), "replicas": replicas, "history": [],
+            "created": now, "was_ready": False,
         }
+        for rep in replicas:
+            self._note(uid, rep["replica_id"], "placed", f"{rep['address']} GPU {rep['gpu_idx']}")
+        return {"ok": True, "replicas": copy.deepcopy(replicas)}
+
+    def replica_ready(self, uid: str, replica_id: int, actor_key: str, engine: dict[str, Any] | None = None
+                      ) -> dict[str, Any]:
+        """A replica's actor loaded: the registry holds it from now on."""
+        rep = self._replica(uid, replica_id)
+        if rep is None:
+            return {"ok": False, "message": f"Model uid {uid!r} was removed while launching"}
+        if rep["state"] not in ("launching", "relaunching"):
+            return {"ok": False, "message": f"Replica {uid}/{replica_id} is {rep['state']}, not launching"}
+        rep.update(actor_key=actor_key, engine=engine, state="ready", since=time.time(), error=None)
+        self.scheduler.client_desires_keys(keys=[actor_key], client=HOLDER)
+        record = self.records[uid]
+        relaunched = record["was_ready"]
+        record["was_ready"] = True
+        self._note(uid, replica_id, "relaunched" if relaunched else "ready", rep["address"])
+        self._refresh(record)
         return {"ok": True}
 
-    def ready(self, uid: str, replicas: list[dict[str, Any]]) -> dict[str, Any]:
-        """Mark ``uid`` ready with its actors; the registry now keeps them alive."""
-        record = self.records.get(uid)
-        if record is None:
-            return {"ok": False, "reason": f"Model uid {uid!r} was removed while launching"}
-        record["replicas"] = copy.deepcopy(replicas)
-        record["state"] = "ready"
-        keys = [r["actor_key"] for r in replicas if r.get("actor_key")]
-        self.scheduler.client_desires_keys(keys=keys, client=HOLDER)
+    def replica_failed(self, uid: str, replica_id: int, error: str) -> dict[str, Any]:
+        """A replica's (re)launch failed: it becomes ``lost`` and frees its GPUs."""
+        rep = self._replica(uid, replica_id)
+        if rep is None:
+            return {"ok": False}
+        rep.update(state="lost", error=error, since=time.time(), actor_key=None)
+        self._note(uid, replica_id, "launch_failed", error)
+        self._refresh(self.records[uid])
         return {"ok": True}
+
+    def claim_relaunch(
+        self,
+        uid: str,
+        replica_id: int,
+        excluded: dict[str, str] | None = None,
+        gpu_free: dict[str, dict[int, int]] | None = None,
+        lease: float = 1800.0,
+    ) -> dict[str, Any]:
+        """Place a lost replica again, if it still needs it; only one caller wins.
+
+        A ``relaunching`` claim older than ``lease`` seconds (its server died
+        mid-launch) may be taken over.
+        """
+        record = self.records.get(uid)
+        rep = self._replica(uid, replica_id)
+        if record is None or rep is None or not record["restart_on_failure"]:
+            return {"ok": False, "message": "nothing to relaunch"}
+        stale = rep["state"] == "relaunching" and time.time() - rep["since"] > lease
+        if rep["state"] != "lost" and not stale:
+            return {"ok": False, "message": f"replica is {rep['state']}"}
+        placement = dict(record["placement"])
+        if placement.get("worker_address") and placement["worker_address"] not in self.scheduler.workers:
+            placement["worker_address"] = None  # the pinned worker died; any worker with room will do
+        placement["gpu_idx"] = placement.get("gpu_idx") if placement.get("worker_address") else None
+        if record["placement"].get("gpu_idx") and placement["gpu_idx"] is None:
+            placement["n_gpu"] = len(record["placement"]["gpu_idx"])
+        req = PlacementRequest(**placement)
+        same = {}
+        for other in record["replicas"]:
+            if other is not rep and other["state"] in _BOOKING_STATES:
+                same[other["address"]] = same.get(other["address"], 0) + 1
+        try:
+            (chosen,) = place_replicas(
+                self._worker_views(gpu_free), self._bookings(skip=(uid, replica_id)), self._replicas_per_worker(),
+                req, count=1, same_model_on=same, excluded=excluded,
+            )
+        except XdaskError as exc:
+            if rep.get("waiting") != exc.message:  # say it once, not every retry
+                rep["waiting"] = exc.message
+                self._note(uid, replica_id, "waiting_for_room", exc.message)
+            return _error(exc)
+        rep["waiting"] = None
+        rep.update(address=chosen.address, gpu_idx=chosen.gpu_idx, state="relaunching", since=time.time(),
+                   attempts=rep["attempts"] + 1, actor_key=None)
+        self._note(uid, replica_id, "relaunching", f"{chosen.address} GPU {chosen.gpu_idx} (attempt {rep['attempts']})")
+        self._refresh(record)
+        return {"ok": True, "replica": copy.deepcopy(rep), "launch": record["launch"]}
 
     def remove(self, uid: str) -> dict[str, Any] | None:
         """Forget ``uid``, release its actors and GPUs; returns the old record."""
         record = self.records.pop(uid, None)
         if record is None:
             return None
-        keys = [r["actor_key"] for r in record["replicas"] if r.get("actor_key")]
-        keys = [k for k in keys if k in self.scheduler.tasks]
-        if keys:
-            self.scheduler.client_releases_keys(keys=keys, client=HOLDER, stimulus_id=f"xdask-remove-{uid}")
+        self._release([r["actor_key"] for r in record["replicas"] if r.get("actor_key")], f"xdask-remove-{uid}")
+        self.events.append({"time": time.time(), "event": "model_removed", "model_uid": uid})
         return record
 
+    # -- reads --------------------------------------------------------------
+
     def models(self) -> list[dict[str, Any]]:
-        return list(self.records.values())
+        return [self._public(r) for r in self.records.values()]
 
     def model(self, uid: str) -> dict[str, Any] | None:
-        return self.records.get(uid)
+        record = self.records.get(uid)
+        return None if record is None else self._public(record)
 
     def gpu_bookings(self) -> dict[str, list[int]]:
         """Worker address -> GPU indices taken by models."""
-        out: dict[str, set[int]] = {}
-        for record in self.records.values():
-            for rep in record["replicas"]:
-                out.setdefault(rep["address"], set()).update(rep.get("gpu_idx") or [])
-        return {addr: sorted(idx) for addr, idx in out.items()}
+        return {addr: sorted(idx) for addr, idx in self._bookings().items()}
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Each worker: resources, GPUs used and free, its replicas and memory."""
+        bookings = self._bookings()
+        out = []
+        for addr, ws in self.scheduler.workers.items():
+            total = int((ws.resources or {}).get("GPU", 0))
+            used = sorted(bookings.get(addr, {}))
+            models = [
+                {"model_uid": uid, "replica_id": rep["replica_id"], "gpu_idx": rep["gpu_idx"], "state": rep["state"]}
+                for uid, record in self.records.items()
+                for rep in record["replicas"]
+                if rep["address"] == addr and rep["state"] in _BOOKING_STATES
+            ]
+            out.append({
+                "address": addr, "host": ws.host, "name": str(ws.name), "status": ws.status.name,
+                "nthreads": ws.nthreads, "resources": dict(ws.resources or {}),
+                "gpus": {"total": total, "used": used, "free": [i for i in range(total) if i not in used]},
+                "models": models,
+                "memory": {"limit": int(ws.memory_limit or 0), "used": int(ws.memory.process)},
+                "last_seen": ws.last_seen,
+            })
+        return out
+
+    def cluster_events(self) -> list[dict[str, Any]]:
+        return list(self.events)
 
     # -- scheduler events ---------------------------------------------------
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
-        """A dead worker takes its replicas with it: mark those models lost."""
-        for record in self.records.values():
-            if any(rep["address"] == worker for rep in record["replicas"]):
-                record["state"] = "lost"
-                logger.warning("Model %s lost with worker %s", record["model_uid"], worker)
+        """A dead worker takes its replicas with it: mark them lost and let go of their actors."""
+        keys = []
+        for uid, record in self.records.items():
+            for rep in record["replicas"]:
+                if rep["address"] == worker and rep["state"] in _BOOKING_STATES:
+                    if rep.get("actor_key"):
+                        keys.append(rep["actor_key"])
+                    rep.update(state="lost", since=time.time(), actor_key=None, error=f"worker {worker} left")
+                    self._note(uid, rep["replica_id"], "lost", f"worker {worker} left the cluster")
+                    logger.warning("Replica %s/%s lost with worker %s", uid, rep["replica_id"], worker)
+            self._refresh(record)
+        self.events.append({"time": time.time(), "event": "worker_removed", "address": worker})
+        if keys:
+            # Not from inside the scheduler's own removal of the worker: next loop turn.
+            asyncio.get_running_loop().call_soon(self._release, keys, f"xdask-worker-lost-{time.time()}")
 
-    def _booked(self, address: str) -> set[int]:
-        return set(self.gpu_bookings().get(address, []))
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        self.events.append({"time": time.time(), "event": "worker_added", "address": worker})
+
+    # -- helpers ------------------------------------------------------------
+
+    def _release(self, keys: list[str], stimulus_id: str) -> None:
+        keys = [k for k in keys if k in self.scheduler.tasks]
+        if keys:
+            self.scheduler.client_releases_keys(keys=keys, client=HOLDER, stimulus_id=stimulus_id)
+
+    def _replica(self, uid: str, replica_id: int) -> dict[str, Any] | None:
+        record = self.records.get(uid)
+        if record is None:
+            return None
+        for rep in record["replicas"]:
+            if rep["replica_id"] == replica_id:
+                return rep
+        return None
+
+    def _note(self, uid: str, replica_id: int | None, event: str, detail: str = "") -> None:
+        record = self.records.get(uid)
+        if record is None:
+            return
+        entry = {"time": time.time(), "replica_id": replica_id, "event": event, "detail": detail}
+        record["history"].append(entry)
+        del record["history"][:-_HISTORY]
+        self.events.append({**entry, "model_uid": uid})
+
+    def _refresh(self, record: dict[str, Any]) -> None:
+        record["state"] = model_state(record)
+
+    @staticmethod
+    def _public(record: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in record.items() if k != "launch"}

@@ -2,13 +2,15 @@
 
 It is the engine-agnostic control logic behind the HTTP server (and usable
 from a notebook with an async client): it validates a launch against the
-catalog, places the actor, records it in the scheduler's ``ModelRegistry``
-and routes generation requests to a replica over the stream comm.
+catalog and the engine matrix, has the scheduler's ``ModelRegistry`` place
+and book every replica, loads the actors, routes requests to the replica
+with the fewest outstanding requests (``routing``) and relaunches replicas
+lost with a dead worker (``recovery``).
 
 Examples
 --------
 >>> sup = await Supervisor.connect("tcp://127.0.0.1:8786")      # doctest: +SKIP
->>> uid = await sup.launch({"model_name": "gemma-3-270m", "model_engine": "llama.cpp"})
+>>> uid = await sup.launch({"model_name": "gemma-3-270m", "model_engine": "llama.cpp", "replica": 2})
 >>> async for msg in sup.stream(uid, {"kind": "completion", "prompt": "Hi", "params": {"max_tokens": 8}}):
 ...     print(msg["t"], end="")
 >>> await sup.terminate(uid)
@@ -17,83 +19,76 @@ Examples
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import dask.config
 from distributed import Client
 
 from xdask import config
-from xdask.cluster.actor import ModelActor
-from xdask.cluster.placement import choose_worker
+from xdask.cluster.memory import estimate_replica_bytes
+from xdask.cluster.placement import PlacementRequest
+from xdask.cluster.recovery import Recovery
 from xdask.cluster.registry_plugin import ModelRegistry
-from xdask.cluster.stream import open_stream
+from xdask.cluster.replicas import describe_replica, shutdown_replica, start_replica
+from xdask.cluster.routing import Router
+from xdask.cluster.stream import error_from_payload
 from xdask.engines import check_engine
 from xdask.engines.matrix import collect_host_facts, family_matrix, why_not
-from xdask.errors import (
-    ConflictError,
-    InvalidRequestError,
-    ModelLoadError,
-    ModelNotReadyError,
-    NotFoundError,
-    WorkerLostError,
-    XdaskError,
-)
+from xdask.errors import InvalidRequestError, NotFoundError, XdaskError
 from xdask.registry import get_family, resolve
 
 logger = logging.getLogger(__name__)
 
-#: Launch fields that describe the model; everything else goes to the engine.
+#: Launch fields that describe the model or its placement; everything else goes to the engine.
 _LAUNCH_FIELDS = {
     "model_uid", "model_name", "model_type", "model_engine", "model_format",
     "model_size_in_billions", "quantization", "replica", "n_gpu", "gpu_idx",
-    "worker_ip", "model_path", "n_worker", "request_limits", "peft_model_config",
+    "worker_ip", "worker_address", "restart_on_failure", "allow_shared_gpu",
+    "model_path", "n_worker", "request_limits", "peft_model_config",
     "replica_config", "enable_thinking", "enable_virtual_env", "virtual_env_packages",
     "virtual_env_find_links", "envs", "model_hub", "download_hub",
 }
 
 
-async def _shutdown_actor(dask_worker: Any, actor_key: str) -> bool:
-    """Run on the worker: free the engine of the actor ``actor_key``."""
-    actor = dask_worker.state.actors.get(actor_key)
-    if actor is None:
-        return False
-    return await actor.shutdown()
-
-
-async def _describe_actor(dask_worker: Any, actor_key: str) -> dict[str, Any]:
-    """Run on the worker: the actor's own description (engine, backend, slots)."""
-    return await dask_worker.state.actors[actor_key].describe()
-
-
 class Supervisor:
     """Control plane of xdask over one async Dask ``Client``."""
 
-    def __init__(self, client: Client):
+    def __init__(self, client: Client, watch: bool = True):
         self.client = client
         self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
-        self._round_robin = itertools.count()
         self._ttl = 2.0
         self._hosts: tuple[float, dict[str, dict[str, Any]]] | None = None
         self._hosts_ttl = 30.0
+        self.router = Router(client.rpc, self._get_record)
+        self.recovery = Recovery(client, self._refresh_cache, self._excluded_for)
+        if watch:
+            self.recovery.start()
 
     @classmethod
-    async def connect(cls, address: str | Any) -> Supervisor:
-        """An async client to ``address`` (or a cluster object) with the registry plugin."""
+    async def connect(cls, address: str | Any, watch: bool = True) -> Supervisor:
+        """An async client to ``address`` (or a cluster object) with the registry plugin.
+
+        ``watch`` runs the recovery loop (relaunching lost replicas); every
+        server does, and the registry makes sure only one relaunches each.
+        """
+        dask.config.set(dict(config.get("cluster.dask-config") or {}))
         client = await Client(address, asynchronous=True, direct_to_workers=True, set_as_default=False)
         await client.register_plugin(ModelRegistry())
-        return cls(client)
+        return cls(client, watch=watch)
 
     async def close(self) -> None:
+        await self.recovery.stop()
         await self.client.close()
 
     # -- catalog of running models ---------------------------------------
 
     async def list_models(self) -> list[dict[str, Any]]:
-        return await self.client.scheduler.xdask_models()
+        records = await self.client.scheduler.xdask_models()
+        self._refresh_cache(records)
+        return records
 
     async def get_model(self, uid: str) -> dict[str, Any]:
         record = await self.client.scheduler.xdask_model(uid=uid)
@@ -103,11 +98,59 @@ class Supervisor:
         self._cache[uid] = (time.monotonic(), record)
         return record
 
+    async def describe_model(self, uid: str) -> dict[str, Any]:
+        """The record with each replica's live load: its actor's in-flight count and ours."""
+        record = await self.get_model(uid)
+        live = await asyncio.gather(*(describe_replica(self.client, r) for r in record["replicas"]))
+        for rep, info in zip(record["replicas"], live, strict=True):
+            rep["load"] = {
+                "outstanding": self.router.outstanding.get(rep.get("actor_key") or "", 0),
+                "in_flight": info.get("in_flight") if info else None,
+            }
+            if info:
+                rep["engine"] = info
+        return record
+
     async def _record(self, uid: str) -> dict[str, Any]:
+        return await self._get_record(uid, False)
+
+    async def _get_record(self, uid: str, fresh: bool) -> dict[str, Any]:
         hit = self._cache.get(uid)
-        if hit is not None and time.monotonic() - hit[0] < self._ttl:
+        if not fresh and hit is not None and time.monotonic() - hit[0] < self._ttl:
             return hit[1]
         return await self.get_model(uid)
+
+    def _refresh_cache(self, records: list[dict[str, Any]]) -> None:
+        now = time.monotonic()
+        self._cache = {r["model_uid"]: (now, r) for r in records}
+
+    # -- cluster views --------------------------------------------------------
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """``GET /v1/cluster/workers``: every worker's resources, GPUs, replicas and memory."""
+        return await self.client.scheduler.xdask_workers()
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /v1/cluster/health``: ``ok`` when the scheduler, workers and every replica are fine."""
+        try:
+            identity = await asyncio.wait_for(self.client.scheduler.identity(), 5)
+            records = await asyncio.wait_for(self.client.scheduler.xdask_models(), 5)
+        except (OSError, TimeoutError) as exc:
+            return {"status": "down", "scheduler": self.client.scheduler.address, "workers": 0, "models": {},
+                    "problems": [f"scheduler unreachable: {exc}"]}
+        problems = []
+        workers = identity.get("workers", {})
+        if not workers:
+            problems.append("no workers")
+        states: dict[str, int] = {}
+        for record in records:
+            states[record["state"]] = states.get(record["state"], 0) + 1
+            for rep in record["replicas"]:
+                if rep["state"] != "ready" and record["state"] != "launching":
+                    problems.append(f"{record['model_uid']} replica {rep['replica_id']} is {rep['state']}"
+                                    + (f" ({rep['error']})" if rep.get("error") else ""))
+        return {"status": "ok" if not problems else "degraded", "scheduler": identity.get("address"),
+                "workers": len(workers), "models": states, "problems": problems}
 
     # -- engines -------------------------------------------------------------
 
@@ -126,10 +169,23 @@ class Supervisor:
         family = get_family(model_name)
         return family_matrix(family, list((await self.host_facts()).values()))
 
+    async def _excluded(self, engine: str, model_format: str) -> dict[str, str]:
+        """Workers that cannot run ``engine`` on ``model_format``, with why (workers unknown yet: allowed)."""
+        hosts = await self.host_facts()
+        return {a: r for a, h in hosts.items() if (r := why_not(engine, model_format, h)) is not None}
+
+    async def _excluded_for(self, record: dict[str, Any]) -> dict[str, str]:
+        spec = record["spec"]
+        return await self._excluded(spec["model_engine"], spec["model_format"])
+
     # -- launch / terminate ----------------------------------------------
 
     async def launch(self, request: dict[str, Any]) -> str:
-        """Load a model as an actor on a worker; returns its uid once ready."""
+        """Place and load every replica of a model; returns its uid once all serve.
+
+        If any replica fails to load, the others are stopped and the launch
+        fails with that replica's error: a launch is all or nothing.
+        """
         model_name = request.get("model_name")
         if not model_name:
             raise InvalidRequestError("model_name is required", param="model_name")
@@ -142,33 +198,15 @@ class Supervisor:
             request.get("model_size_in_billions"),
             request.get("quantization"),
         )
+        placement = PlacementRequest.from_launch(request)
         hosts = await self.host_facts()
+        identity = await self.client.scheduler.identity()
+        if set(identity.get("workers", {})) - set(hosts):  # a worker joined since: ask again
+            hosts = await self.host_facts(refresh=True)
         engine = check_engine(resolved, request.get("model_engine"), list(hosts.values()))
-        if int(request.get("replica") or 1) != 1:
-            raise InvalidRequestError("replica > 1 is not supported yet", param="replica")
+        placement.memory_bytes = estimate_replica_bytes(resolved, on_gpu=placement.n_gpu != 0)
         uid = request.get("model_uid") or model_name
         engine_kwargs = {k: v for k, v in request.items() if k not in _LAUNCH_FIELDS and v is not None}
-        gpu_idx = request.get("gpu_idx")
-        if isinstance(gpu_idx, int):
-            gpu_idx = [gpu_idx]
-
-        identity = await self.client.scheduler.identity()
-        fmt = resolved.spec.model_format
-        # Only workers where the engine is installed and runs (FACTS: the server may have none).
-        workers = {
-            addr: w for addr, w in identity.get("workers", {}).items()
-            if addr not in hosts or why_not(engine, fmt, hosts[addr]) is None
-        }
-        records = await self.list_models()
-        per_worker: dict[str, int] = {}
-        for rec in records:
-            for rep in rec["replicas"]:
-                per_worker[rep["address"]] = per_worker.get(rep["address"], 0) + 1
-        bookings = await self.client.scheduler.xdask_gpu_bookings()
-        placement = choose_worker(
-            workers, bookings, per_worker,
-            n_gpu=request.get("n_gpu", "auto"), worker_ip=request.get("worker_ip"), gpu_idx=gpu_idx,
-        )
         family = resolved.family
         spec = {
             "model_name": family.model_name,
@@ -184,58 +222,45 @@ class Supervisor:
             "context_length": family.context_length,
             "engine_kwargs": engine_kwargs,
         }
-        replica = {"address": placement.address, "gpu_idx": placement.gpu_idx, "actor_key": None}
-        claim = await self.client.scheduler.xdask_reserve_model(uid=uid, spec=spec, replicas=[replica])
-        if not claim["ok"]:
-            raise ConflictError(claim["reason"], param="model_uid")
         launch = {
             "resolved": resolved.model_dump(mode="json"),
             "model_engine": engine,
             "model_path": request.get("model_path"),
             "engine_kwargs": engine_kwargs,
-            "gpu_idx": placement.gpu_idx,
+            "allow_shared_gpu": placement.allow_shared_gpu,
         }
-        key = f"xdask-model-{uid}-{uuid.uuid4().hex[:8]}"
-        future = self.client.submit(
-            ModelActor, uid, launch, actor=True, key=key,
-            workers=[placement.address], allow_other_workers=False, pure=False,
+        restart = request.get("restart_on_failure")
+        placed = await self.client.scheduler.xdask_place(
+            uid=uid, spec=spec, launch=launch, placement=placement.to_dict(),
+            restart_on_failure=bool(config.get("cluster.restart-on-failure") if restart is None else restart),
+            excluded=await self._excluded(engine, resolved.spec.model_format),
         )
-        try:
-            await asyncio.wait_for(future, timeout=float(config.get("launch.timeout")))
-            described = await self.client.run(_describe_actor, actor_key=key, workers=[placement.address])
-            replica["engine"] = described[placement.address]
-        except BaseException as exc:
-            await self.client.scheduler.xdask_remove_model(uid=uid)
-            future.cancel()
-            if isinstance(exc, asyncio.TimeoutError):
-                raise ModelLoadError(f"Model {uid} did not load within {config.get('launch.timeout')} s") from exc
-            if isinstance(exc, XdaskError):
-                raise
-            if isinstance(exc, Exception):
-                raise ModelLoadError(f"Failed to launch {model_name}: {type(exc).__name__}: {exc}") from exc
-            raise
-        replica["actor_key"] = key
-        done = await self.client.scheduler.xdask_model_ready(uid=uid, replicas=[replica])
-        future.release()  # the registry holds the actor from here on
-        if not done["ok"]:
-            await self.client.run(_shutdown_actor, actor_key=key, workers=[placement.address])
-            raise ConflictError(done["reason"])
-        logger.info("Launched %s (%s) on %s", uid, engine, placement.address)
+        if not placed["ok"]:
+            raise error_from_payload(placed)
+        results = await asyncio.gather(
+            *(start_replica(self.client, uid, rep, launch) for rep in placed["replicas"]), return_exceptions=True
+        )
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            await self._discard(uid)
+            if isinstance(failure, XdaskError) or not isinstance(failure, Exception):
+                raise failure
+            raise XdaskError(f"Failed to launch {model_name}: {failure}") from failure
+        logger.info("Launched %s (%s) with %d replica(s)", uid, engine, len(results))
         return uid
 
-    async def terminate(self, uid: str) -> None:
-        """Free the model's memory on its worker(s) and forget it."""
-        record = await self.get_model(uid)
-        for rep in record["replicas"]:
-            if rep.get("actor_key"):
-                try:
-                    await self.client.run(
-                        _shutdown_actor, actor_key=rep["actor_key"], workers=[rep["address"]], on_error="return"
-                    )
-                except (OSError, ValueError) as exc:  # worker already gone
-                    logger.warning("Could not shut down %s on %s: %s", uid, rep["address"], exc)
+    async def _discard(self, uid: str) -> None:
+        """Stop whatever replicas of ``uid`` started and forget it."""
+        record = await self.client.scheduler.xdask_model(uid=uid)
+        if record is not None:
+            await asyncio.gather(*(shutdown_replica(self.client, r) for r in record["replicas"]))
         await self.client.scheduler.xdask_remove_model(uid=uid)
         self._cache.pop(uid, None)
+
+    async def terminate(self, uid: str) -> None:
+        """Free the model's memory and GPUs on its worker(s) and forget it."""
+        await self.get_model(uid)
+        await self._discard(uid)
         logger.info("Terminated %s", uid)
 
     async def terminate_all(self) -> None:
@@ -245,18 +270,6 @@ class Supervisor:
 
     # -- requests -----------------------------------------------------------
 
-    async def stream(self, uid: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Route one generation request to a replica and yield its messages."""
-        record = await self._record(uid)
-        if record["state"] != "ready":
-            record = await self.get_model(uid)  # the cache may be stale
-            if record["state"] != "ready":
-                raise ModelNotReadyError(f"Model {uid} is {record['state']}", code=f"model_{record['state']}")
-        replicas = [r for r in record["replicas"] if r.get("actor_key")]
-        rep = replicas[next(self._round_robin) % len(replicas)]
-        try:
-            async for msg in open_stream(self.client.rpc, rep["address"], rep["actor_key"], request):
-                yield msg
-        except (WorkerLostError, ModelNotReadyError):
-            self._cache.pop(uid, None)
-            raise
+    def stream(self, uid: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Route one generation request to the least-loaded ready replica and yield its messages."""
+        return self.router.stream(uid, request)

@@ -1,0 +1,82 @@
+"""Spreading requests over a model's replicas: least outstanding requests first.
+
+Why least-outstanding rather than round robin: requests differ by orders of
+magnitude in length, and a replica busy with long answers should get fewer
+new ones. The counts are this server's own in-flight requests per replica,
+kept in memory (no call on the hot path); with several servers each balances
+its own share.
+
+A request whose replica turns out to be gone before it produced anything
+(the worker died, the actor was removed) is retried once per other ready
+replica; one that already streamed text ends with the 503, since the client
+has seen part of an answer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from xdask.cluster.stream import open_stream
+from xdask.errors import ModelNotReadyError, WorkerLostError
+
+logger = logging.getLogger(__name__)
+
+
+class Router:
+    """Chooses a replica per request and streams the request to it."""
+
+    def __init__(self, pool: Any, get_record: Callable[[str, bool], Awaitable[dict[str, Any]]]):
+        self._pool = pool  # the Dask client's connection pool (client.rpc)
+        self._get_record = get_record  # (uid, fresh) -> registry record
+        self.outstanding: defaultdict[str, int] = defaultdict(int)  # actor key -> requests in flight here
+        self._tie = itertools.count()
+
+    def pick(self, record: dict[str, Any], skip: set[str]) -> dict[str, Any] | None:
+        """The ready replica with the fewest outstanding requests (ties rotate)."""
+        ready = [r for r in record["replicas"] if r["state"] == "ready" and r.get("actor_key")
+                 and r["actor_key"] not in skip]
+        if not ready:
+            return None
+        low = min(self.outstanding[r["actor_key"]] for r in ready)
+        best = [r for r in ready if self.outstanding[r["actor_key"]] == low]
+        return best[next(self._tie) % len(best)]
+
+    async def stream(self, uid: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Route one generation request and yield the worker's messages."""
+        record = await self._get_record(uid, False)
+        tried: set[str] = set()
+        while True:
+            rep = self.pick(record, tried)
+            if rep is None and not tried:
+                record = await self._get_record(uid, True)  # the cached record may be stale
+                rep = self.pick(record, tried)
+            if rep is None:
+                if tried:
+                    raise WorkerLostError(f"Model {uid}: its replicas became unreachable; retry shortly",
+                                          code="replica_lost")
+                state = record["state"]
+                raise ModelNotReadyError(f"Model {uid} has no replica serving now (state: {state})",
+                                         code=f"model_{state}")
+            key = rep["actor_key"]
+            self.outstanding[key] += 1
+            produced = False
+            try:
+                async for msg in open_stream(self._pool, rep["address"], key, request):
+                    produced = True
+                    yield msg
+                return
+            except ModelNotReadyError as exc:
+                gone = isinstance(exc, WorkerLostError) or exc.code == "model_gone"
+                if produced or not gone:
+                    raise
+                logger.warning("Replica %s of %s unreachable (%s); trying another", key, uid, exc)
+                tried.add(key)
+                record = await self._get_record(uid, True)
+            finally:
+                self.outstanding[key] -= 1
+                if self.outstanding[key] <= 0:
+                    del self.outstanding[key]
