@@ -72,7 +72,7 @@ def command(script: str, fallback: list[str], *args: str) -> list[str]:
 class ProcCluster:
     """``dask scheduler`` + N ``xdask-worker --resources GPU=g`` + ``xdask-server``, all separate processes."""
 
-    def __init__(self, home: Path, n_workers: int = 3, gpus: int = 2, env: dict[str, str] | None = None,
+    def __init__(self, home: Path, n_workers: int = 3, gpus: int | None = 2, env: dict[str, str] | None = None,
                  worker_args: list[str] | None = None):
         self.home = home
         self.env = {**os.environ, "XDASK_HOME": str(home), **(env or {})}
@@ -103,10 +103,11 @@ class ProcCluster:
         self.procs.append(proc)
         return proc
 
-    def add_worker(self, name: str, gpus: int, extra: list[str] | None = None) -> Proc:
+    def add_worker(self, name: str, gpus: int | None, extra: list[str] | None = None) -> Proc:
+        """``xdask-worker`` with ``--resources GPU=gpus``, or GPUs detected when ``gpus`` is None."""
         argv = command("xdask-worker", ["xdask.cli_cluster"], "--scheduler", self.scheduler_address,
                        "--host", "127.0.0.1", "--name", name, "--nthreads", "2", "--no-dashboard",
-                "--resources", f"GPU={gpus}", *(extra or []))
+                       *(["--resources", f"GPU={gpus}"] if gpus is not None else []), *(extra or []))
         proc = self._start(f"worker {name}", argv)
         self.workers.append(proc)
         return proc

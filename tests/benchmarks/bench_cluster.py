@@ -7,8 +7,11 @@ Starts ``dask scheduler``, four ``xdask-worker --resources GPU=1`` and
     replicas under concurrency 16 (completions, max_tokens 32): tokens/s, the
     ratio against one replica, and how the requests spread over the replicas.
     The replicas share this machine's cores (each gets cores/replicas decode
-    threads), so on a small machine the ratio measures what routing costs,
-    not what more hardware would add.
+    threads, at least one), so the ratio against one replica shows the
+    hardware, not routing. To isolate routing, each row also runs K separate
+    one-replica models with the 16 clients split evenly between them by the
+    client (perfect partitioning, no server-side choice, the same processes
+    and threads): "vs split" is the routed rate over that.
   * recovery: with two replicas serving, ``kill -9`` the worker process of one;
     the time until the registry marks it lost, and until the relaunched replica
     is ready and answers (the nanny restarts the worker; placement may use it).
@@ -40,12 +43,16 @@ PROMPTS = [f"Write a short story about a {thing}." for thing in (
     "lighthouse", "violin", "garden", "comet", "train", "forest", "mirror", "key")]
 
 
-async def _drive(endpoint: str, uid: str, seconds: float) -> tuple[int, int, float]:
-    """``CONCURRENCY`` clients for ``seconds``: (requests, completion tokens, wall seconds)."""
+async def _drive(endpoint: str, uids: list[str], seconds: float) -> tuple[int, int, float]:
+    """``CONCURRENCY`` clients (client i asks ``uids[i % len(uids)]``) for ``seconds``.
+
+    Returns (requests, completion tokens, wall seconds).
+    """
     done = [0, 0]
     stop_at = time.monotonic() + seconds
 
     async def client(i: int) -> None:
+        uid = uids[i % len(uids)]
         async with httpx.AsyncClient(base_url=endpoint, timeout=120) as http:
             n = i
             while time.monotonic() < stop_at:
@@ -65,26 +72,41 @@ def _served(http: httpx.Client, uid: str) -> list[int]:
     return [r["engine"]["requests_total"] for r in http.get(f"/v1/models/{uid}").json()["replicas"]]
 
 
+def _launch(http: httpx.Client, uid: str, replicas: int, threads: int) -> None:
+    http.post("/v1/models", json={**DEFAULT_LAUNCH, "model_uid": uid, "replica": replicas, "n_gpu": 1,
+                                  "n_threads": threads, "n_parallel": max(4, CONCURRENCY // replicas)}
+              ).raise_for_status()
+
+
+def _measure(procs: ProcCluster, uids: list[str], seconds: float) -> tuple[int, float]:
+    asyncio.run(_drive(procs.endpoint, uids, 3))  # warm-up
+    n, tokens, wall = asyncio.run(_drive(procs.endpoint, uids, seconds))
+    return n, tokens / wall
+
+
 def routing(procs: ProcCluster, http: httpx.Client, seconds: float) -> None:
     cores = len(os.sched_getaffinity(0))
     base = None
     print(f"\nRouting: {CONCURRENCY} concurrent completions of {MAX_TOKENS} tokens, {seconds:.0f} s per row, "
           f"{cores} cores shared by the replicas")
-    print(f"{'replicas':>8} {'threads/replica':>15} {'requests':>8} {'tok/s':>8} {'vs 1':>6}  requests per replica")
+    print(f"{'replicas':>8} {'threads/replica':>15} {'routed tok/s':>12} {'vs 1':>6} {'split tok/s':>11} "
+          f"{'vs split':>8}  requests per replica")
     for replicas in (1, 2, 4):
         threads = max(1, cores // replicas)
-        resp = http.post("/v1/models", json={**DEFAULT_LAUNCH, "model_uid": "bench", "replica": replicas,
-                                             "n_gpu": 1, "n_threads": threads,
-                                             "n_parallel": max(4, CONCURRENCY // replicas)})
-        resp.raise_for_status()
-        asyncio.run(_drive(procs.endpoint, "bench", 3))  # warm-up
+        _launch(http, "bench", replicas, threads)
         before = _served(http, "bench")
-        n, tokens, wall = asyncio.run(_drive(procs.endpoint, "bench", seconds))
+        n, routed = _measure(procs, ["bench"], seconds)
         spread = [b - a for a, b in zip(before, _served(http, "bench"), strict=True)]
-        rate = tokens / wall
-        base = base or rate
-        print(f"{replicas:>8} {threads:>15} {n:>8} {rate:>8.1f} {rate / base:>6.2f}  {spread}")
         http.delete("/v1/models/bench").raise_for_status()
+        split_uids = [f"split-{i}" for i in range(replicas)]
+        for uid in split_uids:
+            _launch(http, uid, 1, threads)
+        _, split = _measure(procs, split_uids, seconds)
+        for uid in split_uids:
+            http.delete(f"/v1/models/{uid}").raise_for_status()
+        base = base or routed
+        print(f"{replicas:>8} {threads:>15} {routed:>12.1f} {routed / base:>6.2f} {split:>11.1f} "
+              f"{routed / split:>8.2f}  {spread}")
 
 
 def recovery(procs: ProcCluster, http: httpx.Client, rounds: int) -> None:

@@ -40,6 +40,13 @@ from xdask.registry.specs import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
+#: One engine load at a time per worker process. Why: loaders are not
+#: thread-safe against each other (transformers' meta-device init patches
+#: torch.nn.Module globally: two replicas loading at once on one worker failed
+#: with "Cannot copy out of meta tensor" on a 2-GPU host); replicas on
+#: different workers still load in parallel.
+_LOAD_LOCK = threading.Lock()
+
 
 class ModelActor:
     """A model replica: its engine, its request threads and its description.
@@ -67,7 +74,8 @@ class ModelActor:
                 self.resolved, launch["model_engine"], self.model_path, launch.get("engine_kwargs") or {},
                 gpu_idx=self.gpu_idx,
             )
-            self.engine.load()
+            with _LOAD_LOCK:
+                self.engine.load()
         except BaseException:
             self._ledger.release(self._holder)
             raise

@@ -36,10 +36,12 @@ class Recovery:
         client: Client,
         on_records: Callable[[list[dict[str, Any]]], None],
         excluded_for: Callable[[dict[str, Any]], Awaitable[dict[str, str]]],
+        gpu_free: Callable[[], Awaitable[dict[str, dict[int, int]]]],
     ):
         self.client = client
         self._on_records = on_records  # the supervisor's cache refresh
-        self._excluded_for = excluded_for  # launch recipe -> workers that cannot run its engine, with why
+        self._excluded_for = excluded_for  # record -> workers that cannot run its engine, with why
+        self._gpu_free = gpu_free  # worker -> free bytes per GPU label, read now
         self._task: asyncio.Task | None = None
         self._running: dict[tuple[str, int], asyncio.Task] = {}
         self._next_try: dict[tuple[str, int], tuple[float, float]] = {}  # -> (when, backoff)
@@ -96,7 +98,7 @@ class Recovery:
                 return
             excluded = await self._excluded_for(record)
             claim = await self.client.scheduler.xdask_claim_relaunch(
-                uid=uid, replica_id=replica_id, excluded=excluded
+                uid=uid, replica_id=replica_id, excluded=excluded, gpu_free=await self._gpu_free()
             )
             if not claim.get("ok"):
                 if claim.get("status"):  # no room now: try again later

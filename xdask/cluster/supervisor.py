@@ -28,6 +28,7 @@ import dask.config
 from distributed import Client
 
 from xdask import config
+from xdask.cluster.gpus import gpu_free_memory
 from xdask.cluster.memory import estimate_replica_bytes
 from xdask.cluster.placement import PlacementRequest
 from xdask.cluster.recovery import Recovery
@@ -63,7 +64,7 @@ class Supervisor:
         self._hosts: tuple[float, dict[str, dict[str, Any]]] | None = None
         self._hosts_ttl = 30.0
         self.router = Router(client.rpc, self._get_record)
-        self.recovery = Recovery(client, self._refresh_cache, self._excluded_for)
+        self.recovery = Recovery(client, self._refresh_cache, self._excluded_for, self.gpu_free)
         if watch:
             self.recovery.start()
 
@@ -178,6 +179,21 @@ class Supervisor:
         spec = record["spec"]
         return await self._excluded(spec["model_engine"], spec["model_format"])
 
+    async def gpu_free(self) -> dict[str, dict[int, int]]:
+        """Free bytes per GPU label of each worker that has GPUs, read now (not cached: it moves)."""
+        identity = await self.client.scheduler.identity()
+        with_gpus = [a for a, w in identity.get("workers", {}).items() if (w.get("resources") or {}).get("GPU")]
+        if not with_gpus:
+            return {}
+        try:
+            found = await asyncio.wait_for(
+                self.client.run(gpu_free_memory, workers=with_gpus, on_error="return"),
+                float(config.get("cluster.call-timeout")),
+            )
+        except (OSError, TimeoutError):
+            return {}
+        return {a: v for a, v in found.items() if isinstance(v, dict) and v}
+
     # -- launch / terminate ----------------------------------------------
 
     async def launch(self, request: dict[str, Any]) -> str:
@@ -234,6 +250,7 @@ class Supervisor:
             uid=uid, spec=spec, launch=launch, placement=placement.to_dict(),
             restart_on_failure=bool(config.get("cluster.restart-on-failure") if restart is None else restart),
             excluded=await self._excluded(engine, resolved.spec.model_format),
+            gpu_free=await self.gpu_free() if placement.n_gpu != 0 else None,
         )
         if not placed["ok"]:
             raise error_from_payload(placed)
