@@ -27,7 +27,7 @@ from conftest import free_port, wait_until
 
 from xdask import cli, logs
 from xdask.cli_cluster import WORKER_PRELOAD, build_worker_argv
-from xdask.cluster.local import detect_gpu_count
+from xdask.cluster.local import detect_gpu_count, split_gpus
 from xdask.cluster.worker import PLUGIN_NAME as GPU_LEDGER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,21 +192,36 @@ def test_xdask_serve_with_a_worker_then_workers_and_health(scheduler: str, dask_
 
 
 @pytest.mark.slow
-def test_xdask_local_with_two_workers(tmp_path: Path) -> None:
+def test_xdask_local_with_two_workers(tmp_path: Path, fake_nvidia_smi: Path) -> None:
+    """Two local workers on a (stand-in) 2-GPU machine: each gets its own GPU, not both."""
     from distributed import Client
 
     port = free_port()
+    env = {**_env(tmp_path), "PATH": f"{fake_nvidia_smi}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
     proc = Proc("xdask-local", [sys.executable, "-m", "xdask.cli_local", "--host", "127.0.0.1",
-                                "--port", str(port), "--n-workers", "2"], _env(tmp_path))
+                                "--port", str(port), "--n-workers", "2"], env)
     try:
         assert wait_until(lambda: proc.find("Press Ctrl-C") or proc.proc.poll() is not None, 60), proc.tail()
         address = proc.find(r"Dask scheduler (tcp://[\d.:]+)").group(1)
         with Client(address, timeout=30) as client:
-            assert len(client.scheduler_info()["workers"]) == 2
+            workers = client.scheduler_info()["workers"]
+            assert len(workers) == 2
+            assert [w["resources"] for w in workers.values()] == [{"GPU": 1}, {"GPU": 1}]
+            visible = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+            assert sorted(visible.values()) == ["0", "1"]
         assert list(tmp_path.glob("logs/local_*/xdask.log"))
+        assert len(list(tmp_path.glob("logs/worker_*/xdask.log"))) == 2
         assert _exit_code(proc, signal.SIGINT, timeout=60) == 0, proc.tail()
     finally:
         proc.kill()
+
+
+def test_split_gpus() -> None:
+    assert split_gpus(2, 2, "") == [["0"], ["1"]]
+    assert split_gpus(1, 2, "") == [["0"], []]
+    assert split_gpus(4, 2, "") == [["0", "2"], ["1", "3"]]
+    assert split_gpus(2, 2, "3,GPU-abc") == [["3"], ["GPU-abc"]]
 
 
 # -- in-process: GPU detection, argv, launch payload, tables, logging -------------

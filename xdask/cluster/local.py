@@ -7,6 +7,7 @@ so that placement can book them.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -50,24 +51,53 @@ def detect_gpu_count() -> int:
     return min(entries, found)
 
 
+def split_gpus(n_gpu: int, n_workers: int, visible: str | None = None) -> list[list[str]]:
+    """The GPUs each of ``n_workers`` local workers gets, as ``CUDA_VISIBLE_DEVICES`` entries.
+
+    Round robin over this process's visible GPUs (``visible``, default
+    ``CUDA_VISIBLE_DEVICES``, else ``0..n_gpu-1``): with one GPU and two
+    workers, the second worker gets none rather than a second claim on GPU 0.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    entries = [e for e in (visible or "").replace(" ", "").split(",") if e] if visible else []
+    ids = entries[:n_gpu] if entries else [str(i) for i in range(n_gpu)]
+    return [ids[i::n_workers] for i in range(n_workers)]
+
+
 async def start_local_cluster(
     n_workers: int | None = None, threads_per_worker: int | None = None, host: str = "127.0.0.1"
 ) -> LocalCluster:
-    """Start the embedded cluster on ``host`` with random ports."""
+    """Start the embedded cluster on ``host`` with random ports.
+
+    With GPUs and several workers, each worker process gets its own share of
+    them (its ``CUDA_VISIBLE_DEVICES`` and ``GPU`` resource), as dask-cuda does:
+    two workers each declaring every GPU would let placement book one physical
+    GPU twice.
+    """
     # Worker processes inherit this process's dask config through their nanny.
     dask.config.set(dict(config.get("local.dask-config") or {}))
     n_gpu = detect_gpu_count()
-    resources = {"GPU": n_gpu} if n_gpu else None
+    k = n_workers or int(config.get("local.n-workers"))
+    split = n_gpu > 0 and k > 1
     cluster = await LocalCluster(
-        n_workers=n_workers or int(config.get("local.n-workers")),
+        n_workers=0 if split else k,
         threads_per_worker=threads_per_worker or int(config.get("local.threads-per-worker")),
         processes=True,
         host=host,
         scheduler_port=0,
         dashboard_address=None,
-        resources=resources,
+        resources={"GPU": n_gpu} if n_gpu else None,
         preload=["xdask.cluster.worker"],  # worker logs and GPU ledger, as xdask-worker has
         asynchronous=True,
     )
-    logger.info("Local cluster %s with %d GPU(s) per worker", cluster.scheduler_address, n_gpu)
+    if split:
+        template = next(iter(cluster.new_worker_spec().values()))
+        for i, ids in enumerate(split_gpus(n_gpu, k)):
+            spec = copy.deepcopy(template)
+            options = spec["options"]
+            options["env"] = {**(options.get("env") or {}), "CUDA_VISIBLE_DEVICES": ",".join(ids)}
+            options["resources"] = {"GPU": len(ids)} if ids else None
+            cluster.worker_spec[f"xdask-{i}"] = spec
+        await cluster._correct_state()  # start the workers just specified (SpecCluster's own step)
+    logger.info("Local cluster %s: %d worker(s), %d GPU(s)", cluster.scheduler_address, k, n_gpu)
     return cluster
