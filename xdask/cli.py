@@ -80,6 +80,7 @@ async def _run_local(host: str, port: int, n_workers: int | None, log_level: str
         loop.add_signal_handler(sig, stop.set)
     if ready_message:
         click.echo(f"xdask is serving at http://{host}:{port}  (Dask scheduler {cluster.scheduler_address})")
+        click.echo(f"Dask dashboard: {await supervisor.dask_dashboard_link() or 'not running'}")
         click.echo(f"logs: {log_path}")
         click.echo("Press Ctrl-C to stop.", nl=True)
         sys.stdout.flush()

@@ -31,7 +31,15 @@ _NON_PROPAGATING = ("distributed", "tornado")
 
 
 class _XdaskFileHandler(logging.handlers.RotatingFileHandler):
-    """The one file handler xdask installs per process (its type marks it)."""
+    """The one file handler xdask installs per process (its type marks it).
+
+    Its level is fixed (everything the loggers pass): ``LocalCluster``'s
+    ``silence_logs`` sets every ``StreamHandler`` of the ``distributed`` logger
+    to WARNING, which would otherwise empty ``xdask-local``'s log file.
+    """
+
+    def setLevel(self, level: int | str) -> None:  # noqa: N802 (logging's name)
+        """Ignore level changes from other libraries; the loggers' levels filter."""
 
 
 class _XdaskConsoleHandler(logging.StreamHandler):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from tornado import httpserver, web
@@ -9,7 +10,9 @@ from tornado import httpserver, web
 from xdask import config
 from xdask.cluster.supervisor import Supervisor
 from xdask_server import handlers as h
+from xdask_server.dashboard import Dashboard
 from xdask_server.serving import OpenAIServing
+from xdask_server.stats import RequestStats, Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +20,17 @@ _UID = r"([^/]+)"
 
 
 def make_app(supervisor: Supervisor) -> web.Application:
-    """The application: routes, and the supervisor the handlers use."""
+    """The application: routes, and the supervisor the handlers use.
+
+    Called on the running loop (as the CLI does), it also starts sampling the
+    request statistics for the dashboard; otherwise call
+    ``app.settings["sampler"].start()`` once the loop runs.
+    """
+    stats = RequestStats()
+    interval = float(config.get("dashboard.sample-interval"))
+    sampler = Sampler(stats, interval, int(config.get("dashboard.history")), live=supervisor.known_models,
+                      window=round(float(config.get("dashboard.summary-window")) / interval))
+    _start_on_running_loop(sampler)
     routes = [
         (r"/v1/chat/completions", h.ChatCompletionsHandler),
         (r"/v1/completions", h.CompletionsHandler),
@@ -30,14 +43,28 @@ def make_app(supervisor: Supervisor) -> web.Application:
         (r"/v1/cluster/workers", h.ClusterWorkersHandler),
         (r"/v1/cluster/health", h.ClusterHealthHandler),
         (r"/status", h.HealthHandler),
+        (r"/dashboard", h.DashboardRedirectHandler),
+        (r"/dashboard/", h.DashboardPageHandler),
+        (r"/dashboard/data/([a-z]+)", h.DashboardDataHandler),
+        (r"/dashboard/links/api", h.DashboardApiLinkHandler),
     ]
     return web.Application(
         routes,
         supervisor=supervisor,
-        serving=OpenAIServing(supervisor),
+        serving=OpenAIServing(supervisor, stats),
+        sampler=sampler,
+        dashboard=Dashboard(supervisor, stats, sampler),
         default_handler_class=h.NotFoundHandler,
         compress_response=False,
     )
+
+
+def _start_on_running_loop(sampler: Sampler) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    sampler.start()
 
 
 def start_http_server(app: web.Application, host: str, port: int) -> httpserver.HTTPServer:

@@ -24,6 +24,7 @@ from xdask.errors import (
     PayloadTooLargeError,
     XdaskError,
 )
+from xdask_server.dashboard import Dashboard
 from xdask_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -61,6 +62,10 @@ class BaseHandler(web.RequestHandler):
     @property
     def serving(self) -> OpenAIServing:
         return self.application.settings["serving"]
+
+    @property
+    def dashboard(self) -> Dashboard:
+        return self.application.settings["dashboard"]
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
@@ -266,6 +271,58 @@ class HealthHandler(BaseHandler):
     async def get(self) -> None:
         info = await self.supervisor.client.scheduler.identity()
         self.write_json({"status": "ok", "scheduler": info.get("address"), "workers": len(info.get("workers", {}))})
+
+
+# -- dashboard (logic and URL layout: dashboard.py) ----------------------------------
+
+
+class DashboardRedirectHandler(BaseHandler):
+    """``GET /dashboard`` → ``dashboard/``: the page lives under the slash so its relative URLs resolve.
+
+    The Location is relative, so the same answer is right here and behind
+    Jupyter's proxy (``/xdask/dashboard`` → ``/xdask/dashboard/``).
+    """
+
+    def get(self) -> None:
+        query = f"?{self.request.query}" if self.request.query else ""
+        self.redirect("dashboard/" + query)
+
+
+class DashboardApiLinkHandler(BaseHandler):
+    """``GET /dashboard/links/api`` → ``/v1/models``: the header's API link.
+
+    A rooted Location, unlike the page's URLs: a proxy (Jupyter's maps ``/``
+    to its API prefix) rewrites it, while no relative URL is right both here
+    and behind the proxy, where the API is not a sibling of the dashboard.
+    """
+
+    def get(self) -> None:
+        self.redirect("/v1/models")
+
+
+class DashboardPageHandler(BaseHandler):
+    """``GET /dashboard/``: the dashboard's HTML (built once, then cached)."""
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=UTF-8")
+
+    async def get(self) -> None:
+        page = await self.dashboard.page()
+        self._etag = page.etag
+        self.set_header("Cache-Control", "no-cache")  # revalidate: a new server version has a new page
+        self.finish(page.html)
+
+    def compute_etag(self) -> str | None:
+        return getattr(self, "_etag", None)  # precomputed: hashing 2 MB per request is waste
+
+
+class DashboardDataHandler(BaseHandler):
+    """``GET /dashboard/data/<name>``: the columns one of the page's sources polls for."""
+
+    async def get(self, name: str) -> None:
+        data = await self.dashboard.data(name)
+        self.set_header("Cache-Control", "no-store")
+        self.write_json(data)
 
 
 class NotFoundHandler(BaseHandler):

@@ -22,6 +22,7 @@ from xdask_server.protocol import (
     CompletionRequest,
     SamplingFields,
 )
+from xdask_server.stats import RequestStats
 
 
 def _replica_view(rep: dict[str, Any]) -> dict[str, Any]:
@@ -103,10 +104,15 @@ class _Usage:
 
 
 class OpenAIServing:
-    """Chat and completion requests against the models of a ``Supervisor``."""
+    """Chat and completion requests against the models of a ``Supervisor``.
 
-    def __init__(self, supervisor: Supervisor):
+    Every request is counted in ``stats`` (per model: in flight, finished,
+    failed, cancelled, tokens, latency) for the dashboard and metrics.
+    """
+
+    def __init__(self, supervisor: Supervisor, stats: RequestStats | None = None):
         self.supervisor = supervisor
+        self.stats = stats if stats is not None else RequestStats()
 
     async def _max_tokens(self, req: SamplingFields, requested: int | None) -> int:
         record = await self.supervisor._record(req.model)
@@ -147,14 +153,16 @@ class OpenAIServing:
 
     async def complete(self, req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
         """The whole response body of a chat or completion request."""
-        internal = await self._internal(req)
-        text: list[str] = []
-        finish: str | None = None
-        usage = _Usage()
-        async for msg in self._messages(req.model, internal):
-            text.append(msg["t"])
-            finish = msg["f"] or finish
-            usage.update(msg)
+        with self.stats.track(req.model, streamed=False) as tracker:
+            internal = await self._internal(req)
+            text: list[str] = []
+            finish: str | None = None
+            usage = _Usage()
+            async for msg in self._messages(req.model, internal):
+                tracker.message(msg)
+                text.append(msg["t"])
+                finish = msg["f"] or finish
+                usage.update(msg)
         created = int(time.time())
         if isinstance(req, ChatCompletionRequest):
             return {
@@ -184,39 +192,45 @@ class OpenAIServing:
     # -- streaming -----------------------------------------------------------
 
     async def stream(self, req: ChatCompletionRequest | CompletionRequest) -> AsyncIterator[dict[str, Any]]:
-        """The SSE chunks of a streamed request (without ``[DONE]``)."""
-        internal = await self._internal(req)
-        chat = isinstance(req, ChatCompletionRequest)
-        base = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": req.model,
-        }
-        include_usage = req.include_usage
-        extra = {"usage": None} if include_usage else {}
-        usage = _Usage()
+        """The SSE chunks of a streamed request (without ``[DONE]``).
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        Closing the iterator early (the client hung up) counts the request as
+        cancelled and cancels the generation.
+        """
+        with self.stats.track(req.model, streamed=True) as tracker:
+            internal = await self._internal(req)
+            chat = isinstance(req, ChatCompletionRequest)
+            base = {
+                "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": req.model,
+            }
+            include_usage = req.include_usage
+            extra = {"usage": None} if include_usage else {}
+            usage = _Usage()
+
+            def chunk(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+                if chat:
+                    delta: dict[str, Any] = {}
+                    if first:
+                        delta["role"] = "assistant"
+                    if text is not None:
+                        delta["content"] = text
+                    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                else:
+                    choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+                return {**base, "choices": [choice], **extra}
+
             if chat:
-                delta: dict[str, Any] = {}
-                if first:
-                    delta["role"] = "assistant"
-                if text is not None:
-                    delta["content"] = text
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            return {**base, "choices": [choice], **extra}
-
-        if chat:
-            yield chunk("", None, first=True)
-        finish: str | None = None
-        async for msg in self._messages(req.model, internal):
-            usage.update(msg)
-            finish = msg["f"] or finish
-            if msg["t"]:
-                yield chunk(msg["t"], None)
-        yield chunk(None if chat else "", finish or "stop")
-        if include_usage:
-            yield {**base, "choices": [], "usage": usage.as_dict()}
+                yield chunk("", None, first=True)
+            finish: str | None = None
+            async for msg in self._messages(req.model, internal):
+                tracker.message(msg)
+                usage.update(msg)
+                finish = msg["f"] or finish
+                if msg["t"]:
+                    yield chunk(msg["t"], None)
+            yield chunk(None if chat else "", finish or "stop")
+            if include_usage:
+                yield {**base, "choices": [], "usage": usage.as_dict()}

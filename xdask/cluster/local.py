@@ -51,6 +51,25 @@ def detect_gpu_count() -> int:
     return min(entries, found)
 
 
+def dashboard_address(setting: str | int | None, host: str) -> str | None:
+    """Where the embedded scheduler serves Dask's dashboard, from ``xdask.local.dashboard-address``.
+
+    None, ``""`` or ``false`` turns it off. A bare port (``":8787"``,
+    ``8787``, ``":0"`` for any free port) listens on ``host``, the address
+    xdask-local was asked to listen on: Dask itself would take a bare port to
+    mean every interface, and an ``xdask-local`` on 127.0.0.1 should not show
+    its cluster to the network.
+    """
+    if setting is None or setting is False or str(setting).strip().lower() in ("", "none", "false", "off"):
+        return None
+    text = str(setting).strip()
+    if text.isdigit():
+        return f"{host}:{text}"
+    if text.startswith(":"):
+        return f"{host}{text}"
+    return text
+
+
 def split_gpus(n_gpu: int, n_workers: int, visible: str | None = None) -> list[list[str]]:
     """The GPUs each of ``n_workers`` local workers gets, as ``CUDA_VISIBLE_DEVICES`` entries.
 
@@ -79,13 +98,14 @@ async def start_local_cluster(
     n_gpu = detect_gpu_count()
     k = n_workers or int(config.get("local.n-workers"))
     split = n_gpu > 0 and k > 1
+    dashboard = dashboard_address(config.get("local.dashboard-address"), host)
     cluster = await LocalCluster(
         n_workers=0 if split else k,
         threads_per_worker=threads_per_worker or int(config.get("local.threads-per-worker")),
         processes=True,
         host=host,
         scheduler_port=0,
-        dashboard_address=None,
+        dashboard_address=dashboard,
         resources={"GPU": n_gpu} if n_gpu else None,
         preload=["xdask.cluster.worker"],  # worker logs and GPU ledger, as xdask-worker has
         asynchronous=True,
@@ -99,5 +119,6 @@ async def start_local_cluster(
             options["resources"] = {"GPU": len(ids)} if ids else None
             cluster.worker_spec[f"xdask-{i}"] = spec
         await cluster._correct_state()  # start the workers just specified (SpecCluster's own step)
-    logger.info("Local cluster %s: %d worker(s), %d GPU(s)", cluster.scheduler_address, k, n_gpu)
+    logger.info("Local cluster %s: %d worker(s), %d GPU(s); Dask dashboard: %s", cluster.scheduler_address, k,
+                n_gpu, (dashboard and cluster.dashboard_link) or "not running")
     return cluster

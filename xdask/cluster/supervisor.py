@@ -26,6 +26,7 @@ from typing import Any
 
 import dask.config
 from distributed import Client
+from distributed.utils import format_dashboard_link
 
 from xdask import config
 from xdask.cluster.gpus import gpu_free_memory
@@ -63,6 +64,7 @@ class Supervisor:
         self._ttl = 2.0
         self._hosts: tuple[float, dict[str, dict[str, Any]]] | None = None
         self._hosts_ttl = 30.0
+        self._dask_dashboard: tuple[float, str | None] | None = None
         self.router = Router(client.rpc, self._get_record)
         self.recovery = Recovery(client, self._refresh_cache, self._excluded_for, self.gpu_free)
         if watch:
@@ -101,7 +103,16 @@ class Supervisor:
 
     async def describe_model(self, uid: str) -> dict[str, Any]:
         """The record with each replica's live load: its actor's in-flight count and ours."""
-        record = await self.get_model(uid)
+        return await self._with_load(await self.get_model(uid))
+
+    async def describe_models(self) -> list[dict[str, Any]]:
+        """Every model as ``describe_model`` gives it: one scheduler call, then one call per replica."""
+        records = await self.list_models()
+        await asyncio.gather(*(self._with_load(r) for r in records))
+        return records
+
+    async def _with_load(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Add ``load`` (in flight here and on the actor) and the actor's engine facts to each replica."""
         live = await asyncio.gather(*(describe_replica(self.client, r) for r in record["replicas"]))
         for rep, info in zip(record["replicas"], live, strict=True):
             rep["load"] = {
@@ -111,6 +122,14 @@ class Supervisor:
             if info:
                 rep["engine"] = info
         return record
+
+    def known_models(self) -> list[str]:
+        """The uids of the models this server knows of now, without asking the scheduler.
+
+        The watch loop refreshes this view every ``cluster.watch-interval``;
+        the request statistics use it to forget models that are gone.
+        """
+        return list(self._cache)
 
     async def _record(self, uid: str) -> dict[str, Any]:
         return await self._get_record(uid, False)
@@ -130,6 +149,31 @@ class Supervisor:
     async def workers(self) -> list[dict[str, Any]]:
         """``GET /v1/cluster/workers``: every worker's resources, GPUs, replicas and memory."""
         return await self.client.scheduler.xdask_workers()
+
+    async def dask_dashboard_link(self) -> str | None:
+        """The URL of Dask's own dashboard for this cluster, or None when it does not run.
+
+        Why not ``Client.dashboard_link``: a scheduler always runs an HTTP
+        server (``/health``, ``/metrics``) and lists it as its ``dashboard``
+        service even when the Bokeh dashboard is off, so the port alone does not
+        say whether there is a dashboard; the scheduler is asked once (cached
+        for a minute: a cluster's dashboard does not come and go).
+        """
+        now = time.monotonic()
+        if self._dask_dashboard is not None and now - self._dask_dashboard[0] < 60.0:
+            return self._dask_dashboard[1]
+        try:
+            port = await asyncio.wait_for(self.client.run_on_scheduler(_dashboard_port),
+                                          float(config.get("cluster.call-timeout")))
+        except (OSError, TimeoutError) as exc:
+            logger.debug("Cannot ask the scheduler for its dashboard: %s", exc)
+            return self._dask_dashboard[1] if self._dask_dashboard else None
+        link = None
+        if port:
+            host = self.client.scheduler.address.split("://")[-1].rsplit(":", 1)[0]
+            link = format_dashboard_link(host, port)
+        self._dask_dashboard = (now, link)
+        return link
 
     async def health(self) -> dict[str, Any]:
         """``GET /v1/cluster/health``: ``ok`` when the scheduler, workers and every replica are fine."""
@@ -290,3 +334,12 @@ class Supervisor:
     def stream(self, uid: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Route one generation request to the least-loaded ready replica and yield its messages."""
         return self.router.stream(uid, request)
+
+
+def _dashboard_port(dask_scheduler: Any) -> int | None:
+    """Run on the scheduler: its dashboard's port when the Bokeh dashboard is mounted, else None."""
+    http_app = getattr(dask_scheduler, "http_application", None)
+    server = getattr(dask_scheduler, "http_server", None)
+    if http_app is None or server is None or not getattr(http_app, "applications", None):
+        return None  # only the plain routes (health, metrics): no dashboard
+    return int(server.port)
