@@ -38,7 +38,7 @@ class _XdaskFileHandler(logging.handlers.RotatingFileHandler):
     to WARNING, which would otherwise empty ``xdask-local``'s log file.
     """
 
-    def setLevel(self, level: int | str) -> None:  # noqa: N802 (logging's name)
+    def setLevel(self, level: int | str) -> None:
         """Ignore level changes from other libraries; the loggers' levels filter."""
 
 
