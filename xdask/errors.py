@@ -121,6 +121,27 @@ class RequestTimeoutError(XdaskError):
     type = "timeout_error"
 
 
+class EmbeddedServerError(ModelNotReadyError):
+    """The embedded ``xdask-local`` of a Jupyter session could not start (503).
+
+    The message carries the tail of its output, because the process that
+    failed is gone by the time a user reads the error.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "embedded_server_failed"):
+        super().__init__(message, param=param, code=code)
+
+
+class UpstreamUnavailableError(XdaskError):
+    """A proxy (the Jupyter extension) could not reach the xdask server behind it (502)."""
+
+    status = 502
+    type = "upstream_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "upstream_unreachable"):
+        super().__init__(message, param=param, code=code)
+
+
 def from_dict(body: dict[str, Any], status: int) -> XdaskError:
     """Rebuild an error from an HTTP error body (used by the Python client)."""
     err = body.get("error") if isinstance(body, dict) else None
