@@ -33,3 +33,20 @@ def test_xinference_client_round_trip(server, default_model):
     assert uid not in client.list_models()
     with pytest.raises(RuntimeError, match="not found"):
         client.get_model(uid)
+
+
+def test_xinference_client_registers_custom_models(server):
+    """Xinference's register_model sends the spec as a JSON string; unregister_model deletes it."""
+    import json
+
+    client = RESTfulClient(server.endpoint)
+    spec = {"version": 2, "model_name": "xinf-custom", "model_lang": ["en"], "model_ability": ["chat"],
+            "context_length": 2048, "model_specs": [{"model_format": "pytorch", "model_size_in_billions": 1,
+                                                     "quantizations": ["none"], "model_id": "my-org/my-model"}]}
+    client.register_model(model_type="LLM", model=json.dumps(spec), persist=False)
+    found = {r["model_name"]: r for r in client.list_model_registrations("LLM")}
+    assert found["xinf-custom"]["is_builtin"] is False
+    with pytest.raises(RuntimeError, match="already registered"):
+        client.register_model(model_type="LLM", model=json.dumps(spec), persist=False)
+    client.unregister_model(model_type="LLM", model_name="xinf-custom")
+    assert "xinf-custom" not in {r["model_name"] for r in client.list_model_registrations("LLM")}

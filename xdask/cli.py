@@ -234,8 +234,8 @@ def launch_payload(*, model_name: str, model_type: str = "LLM", model_engine: st
                    quantization: str | None = None, model_uid: str | None = None, model_path: str | None = None,
                    n_gpu: str | None = None, gpu_idx: str | None = None, replica: int | None = None,
                    worker_ip: str | None = None, worker_address: str | None = None,
-                   restart_on_failure: bool | None = None, kwargs: Sequence[str] = (),
-                   extra_args: Sequence[str] = ()) -> dict[str, Any]:
+                   restart_on_failure: bool | None = None, download_hub: str | None = None,
+                   kwargs: Sequence[str] = (), extra_args: Sequence[str] = ()) -> dict[str, Any]:
     """The keyword arguments of ``Client.launch_model`` for ``xdask launch``'s options.
 
     Apart from the CLI so that its parsing is tested without a server.
@@ -254,10 +254,96 @@ def launch_payload(*, model_name: str, model_type: str = "LLM", model_engine: st
         "model_uid": model_uid, "model_size_in_billions": size_in_billions, "model_format": model_format,
         "quantization": quantization, "model_path": model_path, "n_gpu": _parse_n_gpu(n_gpu),
         "gpu_idx": _parse_gpu_idx(gpu_idx), "replica": replica, "worker_ip": worker_ip,
-        "worker_address": worker_address, "restart_on_failure": restart_on_failure,
+        "worker_address": worker_address, "restart_on_failure": restart_on_failure, "download_hub": download_hub,
     }
     # An option given both ways (``--n-gpu 1`` and ``--n_gpu 1``): the named one wins.
     return {**engine_options, **{k: v for k, v in named.items() if v is not None}}
+
+
+def _launch_watched(client: Client, endpoint: str | None, payload: dict[str, Any]) -> str:
+    """``client.launch_model(**payload)`` with a download bar on stderr; Ctrl-C cancels the launch.
+
+    The launch request runs in a thread; this one polls
+    ``GET /v1/models/{uid}/progress`` twice a second and draws a bar only once
+    a download starts (a cached model shows none). Ctrl-C sends
+    ``POST /v1/models/{uid}/cancel`` and waits for the launch to answer.
+    """
+    import threading
+
+    uid = payload.get("model_uid") or payload["model_name"]
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["uid"] = client.launch_model(**payload)
+        except Exception as exc:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name="xdask-launch", daemon=True)
+    worker.start()
+    bar = _DownloadBar()
+    with _client(endpoint) as poller:
+        try:
+            while worker.is_alive():
+                worker.join(0.5)
+                if not worker.is_alive():
+                    break
+                try:
+                    bar.show(poller.get_launch_progress(uid))
+                except _CLIENT_ERRORS:
+                    continue  # not placed yet, or the server is busy: try again
+        except KeyboardInterrupt:
+            bar.close()
+            click.echo(f"Cancelling the launch of {uid} ...", err=True)
+            try:
+                poller.cancel_launch(uid)
+            except _CLIENT_ERRORS as exc:
+                click.echo(f"Cancel failed: {exc}", err=True)
+            worker.join(float(config.get("launch.cancel-wait")) + 5)
+            if "uid" not in outcome:
+                raise click.ClickException(f"Launch of {uid} cancelled") from None
+        finally:
+            bar.close()
+    worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["uid"]
+
+
+class _DownloadBar:
+    """A rich progress bar on stderr for a launch's download, opened at its first ``downloading`` report."""
+
+    def __init__(self) -> None:
+        self._progress: Any = None
+        self._task: Any = None
+
+    def show(self, report: dict[str, Any]) -> None:
+        if self._progress is None:
+            if report.get("state") != "downloading" or not report.get("total_bytes"):
+                return
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                      TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+            self._progress.start()
+            hubs = {r.get("model_id") for r in report.get("replicas", []) if r.get("model_id")}
+            self._task = self._progress.add_task(f"Downloading {', '.join(sorted(hubs)) or report['model_uid']}",
+                                                 total=report["total_bytes"])
+        done = report["downloaded_bytes"] if report.get("state") == "downloading" else report.get("total_bytes")
+        self._progress.update(self._task, completed=done, total=report.get("total_bytes") or None)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -278,6 +364,8 @@ def launch_payload(*, model_name: str, model_type: str = "LLM", model_engine: st
 @click.option("--restart-on-failure/--no-restart-on-failure", default=None,
               help="Relaunch replicas lost with their worker (default: the server's setting).")
 @click.option("--model-path", default=None, help="Local weights instead of the catalog's sources.")
+@click.option("--download-hub", type=click.Choice(["huggingface", "modelscope"]), default=None,
+              help="Hub to download from (default: the server's XDASK_MODEL_SRC, else huggingface).")
 @click.option("--kwarg", "kwargs", multiple=True, metavar="KEY=VALUE", help="Engine option, e.g. n_parallel=8.")
 @click.pass_context
 def launch(ctx: click.Context, endpoint: str | None, model_engine: str | None, **options: Any) -> None:
@@ -291,7 +379,7 @@ def launch(ctx: click.Context, endpoint: str | None, model_engine: str | None, *
     try:
         with _client(endpoint) as client:
             started = time.monotonic()
-            uid = client.launch_model(**payload)
+            uid = _launch_watched(client, endpoint, payload)
             engine = client.describe_model(uid).get("model_engine")
     except _CLIENT_ERRORS as exc:
         _fail(exc)
@@ -334,6 +422,96 @@ def engine(endpoint: str | None, model_name: str, model_engine: str | None, mode
     if not shown:
         click.echo("No combination runs here" + ("" if show_all else "; --all shows why."), err=True)
         sys.exit(1)
+
+
+@main.command()
+@endpoint_option
+@click.option("--model-name", "-n", default=None, help="Only this model family.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw list as JSON.")
+def cached(endpoint: str | None, model_name: str | None, as_json: bool) -> None:
+    """List the models in every worker's cache: version, format, size on disk, complete, worker, path."""
+    from dask.utils import format_bytes
+    from rich.console import Console
+    from rich.table import Table
+
+    items = _ask(endpoint, lambda client: client.list_cached_models(model_name))
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    table = Table("Model version", "Format", "Size (B)", "Quantization", "On disk", "Complete", "Worker", "Path")
+    for item in items:
+        table.add_row(item["model_version"], str(item.get("model_format")), str(item.get("model_size_in_billions")),
+                      str(item.get("quantization")), format_bytes(item.get("size_bytes") or 0),
+                      "yes" if item.get("complete") else "no (partial)", str(item.get("address")), item["path"])
+    Console(width=250).print(table)
+
+
+@main.command(name="remove-cache")
+@endpoint_option
+@click.option("--model-version", "--model_version", "model_version", required=True,
+              help="The cache entry to delete (the model_version column of `xdask cached`).")
+@click.option("--yes", "-y", "--check-yes", is_flag=True, help="Do not ask for confirmation.")
+def remove_cache(endpoint: str | None, model_version: str, yes: bool) -> None:
+    """Delete a cached model from every worker's disk (refused while a model uses it)."""
+    if not yes:
+        click.confirm(f"Delete {model_version} from the cache of every worker?", abort=True)
+    removed = _ask(endpoint, lambda client: client.remove_cache(model_version))
+    for item in removed:
+        click.echo(f"Removed {model_version} on {item['address']} ({len(item['paths'])} path(s), {item['paths'][0]})")
+
+
+@main.command(name="cal-model-mem")
+@click.option("--model-name", "-n", required=True, help="Registered model family.")
+@click.option("--size-in-billions", "-s", default=None, help="Model size in billions (default: the first spec).")
+@click.option("--model-format", "-f", default=None, help="Format, e.g. pytorch, ggufv2, gptq.")
+@click.option("--quantization", "-q", default=None, help="Quantization, e.g. none, Int4, Q4_K_M.")
+@click.option("--context-length", "-c", default=None, type=click.IntRange(min=1),
+              help="Tokens of context (default: the family's context length).")
+@click.option("--kv-cache-dtype", default=None, help="KV cache element type: fp16 (16), fp8 (8), fp32 (32), q8_0 ...")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Sequences held in the KV cache at once.")
+@click.option("--model-path", default=None, help="A local model folder, config.json or GGUF to read the shape from.")
+@click.option("--no-download", is_flag=True, help="Never fetch config.json from Hugging Face.")
+@click.option("--json", "as_json", is_flag=True, help="Print the breakdown as JSON.")
+def cal_model_mem(model_name: str, size_in_billions: str | None, model_format: str | None, quantization: str | None,
+                  context_length: int | None, kv_cache_dtype: str | None, batch: int, model_path: str | None,
+                  no_download: bool, as_json: bool) -> None:
+    """Estimate a model's memory (weights + KV cache + activations + overhead) from its architecture.
+
+    Computed here: the shape comes from --model-path, this machine's cache,
+    or the model's config.json on Hugging Face (a few KB, never the weights);
+    when none is reachable, from the size alone (and it says so).
+    """
+    from xdask.cluster.memory import estimate_catalog_model
+
+    try:
+        est = estimate_catalog_model(model_name, size_in_billions, model_format, quantization, context_length,
+                                     batch=batch, kv_cache_dtype=kv_cache_dtype, model_path=model_path,
+                                     download_config=not no_download)
+    except (XdaskError, ValueError) as exc:
+        _fail(exc)
+    info = est.to_dict()
+    if as_json:
+        click.echo(json.dumps({"model_name": model_name, **info}, indent=2))
+        return
+    arch = est.arch
+    click.echo(f"model_name: {model_name}")
+    size = "?" if est.model_size_in_billions is None else f"{est.model_size_in_billions:g}"
+    click.echo(f"model size: {size} B  format: {est.model_format}  "
+               f"quantization: {est.quantization}")
+    click.echo(f"context: {est.context_length}  batch: {est.batch}  kv_cache_dtype: {est.kv_cache_dtype}")
+    click.echo(f"architecture: {arch.num_layers} layers, {arch.num_attention_heads} heads, {arch.num_kv_heads} kv heads, "
+               f"head_dim {arch.head_dim}, hidden {arch.hidden_size}"
+               + (f", {arch.sliding_layers} sliding-window layers of {arch.sliding_window}" if arch.sliding_layers else "")
+               + f"  (from {arch.source})")
+    click.echo("memory usage:")
+    click.echo(f"  model_mem: {info['weights_mib']} MiB  ({est.weights_from})")
+    click.echo(f"  kv_cache: {info['kv_cache_mib']} MiB")
+    click.echo(f"  activation: {info['activation_mib']} MiB")
+    click.echo(f"  overhead: {info['overhead_mib']} MiB")
+    click.echo(f"  total: {info['total_mib']} MiB ({est.total_bytes / 2**30:.2f} GiB)")
+    for note in est.notes:
+        click.echo(f"note: {note}")
 
 
 @main.command(name="list")
@@ -457,6 +635,29 @@ def registrations(endpoint: str | None, model_type: str, detailed: bool) -> None
         table.add_row(model_type, item["model_name"], ", ".join(item.get("model_lang", [])),
                       ", ".join(item.get("model_ability", [])), str(item["is_builtin"]))
     Console(width=200).print(table)
+
+
+@main.command()
+@endpoint_option
+@click.option("--model-type", "-t", default="LLM", show_default=True, help="LLM, embedding, rerank, image or audio.")
+@click.option("--file", "file_", required=True, type=click.File("r", encoding="utf-8"),
+              help="The family spec (JSON; Xinference's custom-model files work).")
+@click.option("--persist", is_flag=True, help="Keep it under XDASK_HOME on the server across restarts.")
+def register(endpoint: str | None, model_type: str, file_: Any, persist: bool) -> None:
+    """Register a custom model family."""
+    result = _ask(endpoint, lambda client: client.register_model(model_type, file_.read(), persist=persist))
+    click.echo(f"Registered {result['model_type']} model {result['model_name']}"
+               + (" (persisted)" if persist else " (until the server stops)"))
+
+
+@main.command()
+@endpoint_option
+@click.option("--model-type", "-t", default="LLM", show_default=True)
+@click.option("--model-name", "-n", required=True)
+def unregister(endpoint: str | None, model_type: str, model_name: str) -> None:
+    """Remove a custom model family."""
+    _ask(endpoint, lambda client: client.unregister_model(model_type, model_name))
+    click.echo(f"Unregistered {model_type} model {model_name}")
 
 
 def _stream_text(chunks: Any, chat: bool) -> str:

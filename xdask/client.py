@@ -174,6 +174,20 @@ class Client:
     def terminate_model(self, model_uid: str) -> None:
         self._request("DELETE", f"/v1/models/{model_uid}")
 
+    def get_launch_progress(self, model_uid: str) -> dict[str, Any]:
+        """A launch's ``state`` (downloading, loading, ready, ...), ``progress`` (0..1 of the download),
+        bytes done and total, per file and per replica; callable while ``launch_model`` waits in another thread.
+        """
+        return self._request("GET", f"/v1/models/{model_uid}/progress")
+
+    def cancel_launch(self, model_uid: str) -> dict[str, Any]:
+        """Stop a launch in progress; its ``launch_model`` call raises ``LaunchCancelledError``."""
+        return self._request("POST", f"/v1/models/{model_uid}/cancel")
+
+    #: Xinference's names of the two methods above.
+    get_launch_model_progress = get_launch_progress
+    cancel_launch_model = cancel_launch
+
     def list_workers(self) -> list[dict[str, Any]]:
         """The cluster's workers: address, resources, GPUs used and free, replicas, memory."""
         return self._request("GET", "/v1/cluster/workers")["data"]
@@ -189,10 +203,34 @@ class Client:
         """Engine -> the specs of ``model_name`` it can run on the cluster (``available``, else ``reason``)."""
         return self._request("GET", f"/v1/engines/{model_name}")
 
+    def list_cached_models(self, model_name: str | None = None) -> list[dict[str, Any]]:
+        """Every worker's cached models: ``model_version``, format, ``size_bytes``, ``complete``, ``path``, ``address``."""
+        params = {"model_name": model_name} if model_name else None
+        return self._request("GET", "/v1/cache/models", params=params)["list"]
+
+    def remove_cache(self, model_version: str) -> list[dict[str, Any]]:
+        """Delete ``model_version`` from every worker's cache; per worker, the removed paths.
+
+        Raises ``ConflictError`` (409) while a model uses it, ``NotFoundError`` if no worker has it.
+        """
+        return self._request("DELETE", "/v1/cache/models", params={"model_version": model_version})["removed"]
+
     def list_model_registrations(self, model_type: str = "LLM", detailed: bool = False) -> list[dict[str, Any]]:
         return self._request(
             "GET", f"/v1/model_registrations/{model_type}", params={"detailed": str(detailed).lower()}
         )
+
+    def register_model(self, model_type: str, model: str | dict[str, Any], persist: bool = False) -> dict[str, Any]:
+        """Register a custom family (its spec as JSON text or a dict); ``persist`` keeps it across restarts.
+
+        Raises ``InvalidRequestError`` (400) for an invalid spec, ``ConflictError`` (409) if the name is taken.
+        """
+        return self._request("POST", f"/v1/model_registrations/{model_type}",
+                             json={"model": model, "persist": persist})
+
+    def unregister_model(self, model_type: str, model_name: str) -> dict[str, Any]:
+        """Remove a custom family (and its persisted file); ``NotFoundError`` (404) if there is none."""
+        return self._request("DELETE", f"/v1/model_registrations/{model_type}/{model_name}")
 
 
 __all__ = ["Client", "ModelHandle", "XdaskError"]

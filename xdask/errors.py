@@ -142,6 +142,60 @@ class UpstreamUnavailableError(XdaskError):
         super().__init__(message, param=param, code=code)
 
 
+class LaunchCancelledError(InvalidRequestError):
+    """The launch was cancelled (``POST /v1/models/{uid}/cancel`` or Ctrl-C in ``xdask launch``): 400.
+
+    400 rather than a non-standard 499 because every HTTP client and the
+    OpenAI SDK treat it as a plain client error; ``code`` says what happened.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "launch_cancelled"):
+        super().__init__(message, param=param, code=code)
+
+
+class DownloadCancelledError(LaunchCancelledError):
+    """The model's download was cancelled; its partial files stay for a later launch to resume."""
+
+
+class ModelDownloadError(XdaskError):
+    """A model hub could not deliver the model's files (502: the fault is upstream of xdask)."""
+
+    status = 502
+    type = "model_download_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "download_failed"):
+        super().__init__(message, param=param, code=code)
+
+
+class HubAccessError(ModelDownloadError):
+    """The hub refused access: a gated or private repo, or a rejected token (403)."""
+
+    status = 403
+    type = "permission_error"
+
+
+class HubNotFoundError(ModelDownloadError):
+    """The repo, revision or file is not on the hub (404)."""
+
+    status = 404
+    type = "not_found_error"
+
+
+class HubUnreachableError(ModelDownloadError):
+    """The hub cannot be reached: no network, a wrong endpoint, or it kept dropping the connection (502)."""
+
+
+#: Error codes whose class is more specific than the one their HTTP status gives.
+_BY_CODE: dict[str, type[XdaskError]] = {
+    "launch_cancelled": LaunchCancelledError,
+    "gated_repo": HubAccessError,
+    "hub_token_rejected": HubAccessError,
+    "hub_not_found": HubNotFoundError,
+    "hub_unreachable": HubUnreachableError,
+    "download_failed": ModelDownloadError,
+}
+
+
 def from_dict(body: dict[str, Any], status: int) -> XdaskError:
     """Rebuild an error from an HTTP error body (used by the Python client)."""
     err = body.get("error") if isinstance(body, dict) else None
@@ -158,7 +212,7 @@ def from_dict(body: dict[str, Any], status: int) -> XdaskError:
         503: ModelNotReadyError,
         504: RequestTimeoutError,
     }
-    cls = classes.get(status, XdaskError)
+    cls = _BY_CODE.get(str(err.get("code"))) or classes.get(status, XdaskError)
     exc = cls(str(err.get("message")), param=err.get("param"), code=err.get("code"))
     exc.status = status
     return exc

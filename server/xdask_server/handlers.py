@@ -24,11 +24,13 @@ from xdask.errors import (
     PayloadTooLargeError,
     XdaskError,
 )
+from xdask.registry import custom as custom_models
 from xdask_server.dashboard import Dashboard
 from xdask_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     LaunchModelRequest,
+    RegisterModelRequest,
 )
 from xdask_server.serving import OpenAIServing, describe, registrations
 
@@ -209,6 +211,73 @@ class ModelsHandler(BodyHandler):
         self.write_json({"model_uid": uid, "model_engine": record["spec"]["model_engine"]})
 
 
+class CacheModelsHandler(BaseHandler):
+    """``GET /v1/cache/models[?model_name=]`` lists every worker's cache; ``DELETE ?model_version=`` removes one.
+
+    The answers keep Xinference's shape (``{"list": [...]}``, ``{"result": true}``)
+    and add where each entry is (``address``, ``worker_ip``) and what was removed.
+    """
+
+    async def get(self) -> None:
+        model_name = self.get_query_argument("model_name", None) or None
+        self.write_json({"list": await self.supervisor.cached_models(model_name)})
+
+    async def delete(self) -> None:
+        version = self.get_query_argument("model_version", None)
+        if version is None and self.request.body:
+            try:
+                body = json.loads(self.request.body)
+            except ValueError:
+                raise InvalidRequestError("Request body is not valid JSON") from None
+            version = body.get("model_version") if isinstance(body, dict) else None
+        if not version:
+            raise InvalidRequestError("model_version is required", param="model_version")
+        removed = await self.supervisor.remove_cached(version)
+        self.write_json({"result": True, "model_version": version, "removed": removed})
+
+
+class MemoryEstimateHandler(BaseHandler):
+    """``GET /v1/cal_model_mem?model_name=&size_in_billions=&model_format=&quantization=&context_length=``.
+
+    ``xdask cal-model-mem`` over HTTP, computed on the server (which may fetch
+    the model's config.json, a few KB, from Hugging Face).
+    """
+
+    async def get(self) -> None:
+        from xdask.cluster.memory import estimate_catalog_model
+
+        def arg(name: str) -> str | None:
+            return self.get_query_argument(name, None) or None
+
+        model_name = arg("model_name")
+        if not model_name:
+            raise InvalidRequestError("model_name is required", param="model_name")
+        try:
+            context = int(arg("context_length")) if arg("context_length") else None
+            batch = int(arg("batch") or 1)
+        except ValueError:
+            raise InvalidRequestError("context_length and batch must be integers") from None
+        est = await asyncio.to_thread(
+            estimate_catalog_model, model_name, arg("size_in_billions"), arg("model_format"), arg("quantization"),
+            context, batch=batch, kv_cache_dtype=arg("kv_cache_dtype"),
+        )
+        self.write_json({"model_name": model_name, **est.to_dict()})
+
+
+class LaunchProgressHandler(BaseHandler):
+    """``GET /v1/models/{uid}/progress``: a launch's state and download progress (also once ready; 404 if unknown)."""
+
+    async def get(self, uid: str) -> None:
+        self.write_json(await self.supervisor.launch_progress(uid))
+
+
+class LaunchCancelHandler(BaseHandler):
+    """``POST /v1/models/{uid}/cancel``: stop a launch; its launch request answers 400 ``launch_cancelled``."""
+
+    async def post(self, uid: str) -> None:
+        self.write_json(await self.supervisor.cancel_launch(uid))
+
+
 class EnginesHandler(BaseHandler):
     """``GET /v1/engines/{model_name}``: engine -> specs it can run on this cluster (or why not)."""
 
@@ -227,8 +296,12 @@ class ModelHandler(BaseHandler):
         self.write_json({"id": uid, "object": "model", "deleted": True})
 
 
-class RegistrationsHandler(BaseHandler):
-    """``GET /v1/model_registrations/{model_type}[/{model_name}]``."""
+class RegistrationsHandler(BodyHandler):
+    """``GET``/``POST /v1/model_registrations/{model_type}``, ``GET``/``DELETE .../{model_name}``.
+
+    POST registers a custom family (``{"model": "<json>", "persist": bool}``),
+    DELETE unregisters one; the logic is in ``xdask.registry.custom``.
+    """
 
     async def get(self, model_type: str, model_name: str | None = None) -> None:
         detailed = self.get_query_argument("detailed", "false").lower() == "true"
@@ -241,6 +314,20 @@ class RegistrationsHandler(BaseHandler):
                 self.write_json(item)
                 return
         raise NotFoundError(f"Model family {model_name!r} is not registered", param="model_name")
+
+    async def post(self, model_type: str, model_name: str | None = None) -> None:
+        if model_name is not None:
+            raise MethodNotAllowedError(f"POST a registration to /v1/model_registrations/{model_type}")
+        req = self.parse(RegisterModelRequest)
+        family = custom_models.register(model_type, req.model, persist=req.persist)
+        self.write_json({"model_name": family.model_name, "model_type": family.model_type,
+                         "persist": req.persist, "is_builtin": False})
+
+    async def delete(self, model_type: str, model_name: str | None = None) -> None:
+        if model_name is None:
+            raise MethodNotAllowedError(f"DELETE /v1/model_registrations/{model_type}/<model_name>")
+        custom_models.unregister(model_type, model_name)
+        self.write_json({"model_name": model_name, "model_type": model_type, "deleted": True})
 
 
 class ClusterAuthHandler(BaseHandler):

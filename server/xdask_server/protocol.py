@@ -154,9 +154,26 @@ class LaunchModelRequest(BaseModel):
     restart_on_failure: bool | None = None
     #: Let explicit gpu_idx share GPUs already booked by other models.
     allow_shared_gpu: bool = False
+    #: Weights already on the worker (a GGUF file or a model folder): nothing is downloaded.
     model_path: str | None = None
+    #: The hub to download from (default: XDASK_MODEL_SRC, i.e. ``xdask.model-src``).
+    download_hub: Literal["huggingface", "modelscope"] | None = None
 
     def to_launch_dict(self) -> dict[str, Any]:
         data = self.model_dump()
         data.update(self.model_extra or {})
         return data
+
+
+class RegisterModelRequest(BaseModel):
+    """``POST /v1/model_registrations/{model_type}``: a custom family, as Xinference's client sends it.
+
+    ``model`` is the family spec as a JSON string (Xinference's shape) or an
+    object; ``worker_ip`` is accepted and ignored: the server resolves every
+    launch, so a registration serves the whole cluster.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str | dict[str, Any]
+    persist: bool = False
+    worker_ip: str | None = None

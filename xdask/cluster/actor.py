@@ -34,8 +34,9 @@ from xdask.cluster.stream import install_stream_handler
 from xdask.cluster.worker import gpu_ledger
 from xdask.engines import create_engine
 from xdask.engines.base import Delta
-from xdask.errors import ModelNotReadyError, XdaskError
+from xdask.errors import LaunchCancelledError, ModelNotReadyError, XdaskError
 from xdask.hub import locate_model
+from xdask.hub import progress as launch_board
 from xdask.registry.specs import ResolvedModel
 
 logger = logging.getLogger(__name__)
@@ -67,18 +68,29 @@ class ModelActor:
         self._holder = worker.get_current_task() or f"{uid}/{self.replica_id}"
         self._ledger.claim(self._holder, list(self.gpu_idx or []), alive=set(worker.state.tasks),
                            shared=bool(launch.get("allow_shared_gpu")))
+        # What GET /v1/models/{uid}/progress reads and POST .../cancel flags (xdask.hub.progress).
+        progress = launch_board.register(uid, self.replica_id, launch.get("since"))
         try:
-            path = locate_model(self.resolved, launch.get("model_path"))
+            path = locate_model(self.resolved, launch.get("model_path"), download_hub=launch.get("download_hub"),
+                                progress=progress)
             self.model_path = str(path)
+            progress.set_phase("loading")
+            progress.check_cancelled()
             self.engine = create_engine(
                 self.resolved, launch["model_engine"], self.model_path, launch.get("engine_kwargs") or {},
                 gpu_idx=self.gpu_idx,
             )
             with _LOAD_LOCK:
+                progress.check_cancelled()
                 self.engine.load()
+            if progress.cancelled:  # cancelled while the engine loaded: a load cannot be stopped halfway
+                self.engine.close()
+                raise LaunchCancelledError(f"The launch of {uid} was cancelled")
         except BaseException:
             self._ledger.release(self._holder)
             raise
+        finally:
+            launch_board.unregister(progress)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, self.engine.max_concurrency), thread_name_prefix=f"xdask-{uid}"
         )

@@ -94,7 +94,9 @@ async def start_replica(client: Client, uid: str, replica: dict[str, Any], launc
     rid = replica["replica_id"]
     address = replica["address"]
     key = f"xdask-model-{uid}-{rid}-{uuid.uuid4().hex[:8]}"
-    actor_launch = {**launch, "gpu_idx": list(replica.get("gpu_idx") or []), "replica_id": rid}
+    # ``since`` (when the registry placed this replica) names this launch for a cancel (xdask.hub.progress).
+    actor_launch = {**launch, "gpu_idx": list(replica.get("gpu_idx") or []), "replica_id": rid,
+                    "since": replica.get("since")}
     future = client.submit(
         ModelActor, uid, actor_launch, actor=True, key=key,
         workers=[address], allow_other_workers=False, pure=False,

