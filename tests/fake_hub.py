@@ -204,9 +204,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, obj: Any) -> None:
+    def _json(self, obj: Any, status: int = 200) -> None:
         body = json.dumps(obj).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -301,13 +301,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _ms_files(self, repo_id: str) -> None:
         repo = self.fake.repos.get(repo_id)
         if repo is None:
-            body = {"Code": 10010205001, "Message": f"model {repo_id} not exists", "Success": False}
-            payload = json.dumps(body).encode()
-            self.send_response(404)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            self._json({"Code": 10010205001, "Message": f"model {repo_id} not exists", "Success": False},
+                       status=404)
             return
         files = [{"Name": n.rsplit("/", 1)[-1], "Path": n, "Size": len(d), "Type": "blob",
                   "Sha256": hashlib.sha256(d).hexdigest(), "Revision": repo.sha}
