@@ -24,6 +24,7 @@ from xdask.errors import (
     PayloadTooLargeError,
     XdaskError,
 )
+from xdask.protocol import validation_error
 from xdask.registry import custom as custom_models
 from xdask_server.dashboard import Dashboard
 from xdask_server.protocol import (
@@ -38,20 +39,6 @@ logger = logging.getLogger(__name__)
 
 #: Bodies this many times over the limit are refused without reading them.
 _REFUSE_UNREAD_FACTOR = 8
-
-
-def _pydantic_message(exc: pydantic.ValidationError) -> tuple[str, str | None]:
-    """A one-line message and the offending parameter of a validation error."""
-    errors = exc.errors(include_url=False, include_context=False)
-    first = errors[0] if errors else {}
-    loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("function-after",))
-    msg = first.get("msg", "invalid request")
-    if first.get("type") == "json_invalid":
-        return f"Request body is not valid JSON: {msg}", None
-    if first.get("type") == "model_type":
-        return "Request body must be a JSON object", None
-    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return (f"{loc}: {msg}{more}" if loc else f"{msg}{more}"), (loc.split(".")[0] or None)
 
 
 class BaseHandler(web.RequestHandler):
@@ -106,8 +93,7 @@ class BaseHandler(web.RequestHandler):
             self.send_error(e.status, exc_info=(type(e), e, e.__traceback__))
             return
         if isinstance(e, pydantic.ValidationError):
-            message, param = _pydantic_message(e)
-            return self._handle_request_exception(InvalidRequestError(message, param=param))
+            return self._handle_request_exception(validation_error(e))
         super()._handle_request_exception(e)
 
     def parse(self, schema: type[pydantic.BaseModel]) -> Any:

@@ -15,12 +15,13 @@ from typing import Any
 
 from xdask import config
 from xdask.cluster.supervisor import Supervisor
-from xdask.errors import InvalidRequestError, RequestTimeoutError
+from xdask.errors import RequestTimeoutError
+from xdask.protocol import internal_request, resolve_max_tokens
 from xdask.registry import list_families
+from xdask.responses import chat_completion, text_completion
 from xdask_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    SamplingFields,
 )
 from xdask_server.stats import RequestStats
 
@@ -114,31 +115,10 @@ class OpenAIServing:
         self.supervisor = supervisor
         self.stats = stats if stats is not None else RequestStats()
 
-    async def _max_tokens(self, req: SamplingFields, requested: int | None) -> int:
-        record = await self.supervisor._record(req.model)
-        context = int(record["spec"]["context_length"])
-        if requested is None:
-            return min(int(config.get("generate.default-max-tokens")), context)
-        if requested > context:
-            raise InvalidRequestError(
-                f"max_tokens={requested} is more than the model's context length ({context})",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        return requested
-
     async def _internal(self, req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
-        max_tokens = await self._max_tokens(req, req.requested_max_tokens)
-        if isinstance(req, ChatCompletionRequest):
-            return {
-                "kind": "chat",
-                "stream": req.stream,
-                "messages": [m.as_template_input() for m in req.messages],
-                "chat_template_kwargs": req.chat_template_kwargs or {},
-                "params": req.sampling_params(max_tokens),
-            }
-        return {"kind": "completion", "stream": req.stream, "prompt": req.prompt_text,
-                "params": req.sampling_params(max_tokens)}
+        record = await self.supervisor._record(req.model)
+        max_tokens = resolve_max_tokens(req.requested_max_tokens, int(record["spec"]["context_length"]))
+        return internal_request(req, max_tokens)
 
     async def _messages(self, uid: str, internal: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         deadline = float(config.get("server.request-timeout"))
@@ -163,31 +143,8 @@ class OpenAIServing:
                 text.append(msg["t"])
                 finish = msg["f"] or finish
                 usage.update(msg)
-        created = int(time.time())
-        if isinstance(req, ChatCompletionRequest):
-            return {
-                "id": f"chatcmpl-{uuid.uuid4().hex}",
-                "object": "chat.completion",
-                "created": created,
-                "model": req.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": "".join(text)},
-                        "finish_reason": finish or "stop",
-                        "logprobs": None,
-                    }
-                ],
-                "usage": usage.as_dict(),
-            }
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": created,
-            "model": req.model,
-            "choices": [{"index": 0, "text": "".join(text), "finish_reason": finish or "stop", "logprobs": None}],
-            "usage": usage.as_dict(),
-        }
+        build = chat_completion if isinstance(req, ChatCompletionRequest) else text_completion
+        return build(req.model, "".join(text), finish, usage.as_dict())
 
     # -- streaming -----------------------------------------------------------
 

@@ -112,6 +112,7 @@ class ModelActor:
             "in_flight": self._in_flight,
             "requests_total": self._requests_total,
             "generating": self._generating,
+            "max_concurrency": self.engine.max_concurrency,
             **self.engine.describe(),
         }
 

@@ -1,0 +1,1 @@
+"""Batch inference on the cluster: futures, dask collections and the OpenAI Batch API share ``runner``."""
