@@ -8,7 +8,10 @@ import logging
 from tornado import httpserver, web
 
 from xdask import config
+from xdask.batch.api import BatchManager
+from xdask.batch.store import BatchStore
 from xdask.cluster.supervisor import Supervisor
+from xdask_server import batches as batch_handlers
 from xdask_server import handlers as h
 from xdask_server.dashboard import Dashboard
 from xdask_server.serving import OpenAIServing
@@ -23,14 +26,18 @@ def make_app(supervisor: Supervisor) -> web.Application:
     """The application: routes, and the supervisor the handlers use.
 
     Called on the running loop (as the CLI does), it also starts sampling the
-    request statistics for the dashboard; otherwise call
-    ``app.settings["sampler"].start()`` once the loop runs.
+    request statistics for the dashboard and the batch manager (which resumes
+    the batches a previous server left unfinished); otherwise call
+    ``app.settings["sampler"].start()`` once the loop runs (the batch manager
+    starts with its first request).
     """
     stats = RequestStats()
     interval = float(config.get("dashboard.sample-interval"))
     sampler = Sampler(stats, interval, int(config.get("dashboard.history")), live=supervisor.known_models,
                       window=round(float(config.get("dashboard.summary-window")) / interval))
+    batches = BatchManager(supervisor, BatchStore(config.home() / "batches"))
     _start_on_running_loop(sampler)
+    _start_on_running_loop(batches)
     routes = [
         (r"/v1/chat/completions", h.ChatCompletionsHandler),
         (r"/v1/completions", h.CompletionsHandler),
@@ -51,30 +58,49 @@ def make_app(supervisor: Supervisor) -> web.Application:
         (r"/dashboard/", h.DashboardPageHandler),
         (r"/dashboard/data/([a-z]+)", h.DashboardDataHandler),
         (r"/dashboard/links/api", h.DashboardApiLinkHandler),
+        *batch_handlers.routes(),
     ]
     return web.Application(
         routes,
         supervisor=supervisor,
         serving=OpenAIServing(supervisor, stats),
         sampler=sampler,
+        batches=batches,
         dashboard=Dashboard(supervisor, stats, sampler),
         default_handler_class=h.NotFoundHandler,
         compress_response=False,
     )
 
 
-def _start_on_running_loop(sampler: Sampler) -> None:
+def _start_on_running_loop(service: Sampler | BatchManager) -> None:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return
-    sampler.start()
+    service.start()
+
+
+class _Server(httpserver.HTTPServer):
+    """The HTTP server; stopping it also stops the app's running batches.
+
+    Why here: every caller stops the server first and then terminates the
+    models. Batches must stop before that, or their requests would fail
+    against vanishing models and be written down as failed; stopped here,
+    they keep their state and the next server resumes them.
+    """
+
+    def stop(self) -> None:
+        super().stop()
+        settings = getattr(self.request_callback, "settings", {})
+        batches = settings.get("batches")
+        if batches is not None:
+            batches.stop()
 
 
 def start_http_server(app: web.Application, host: str, port: int) -> httpserver.HTTPServer:
     """Listen on ``host:port``; bodies over the cap are refused by the handlers."""
     limit = int(config.get("server.max-body-size"))
-    server = httpserver.HTTPServer(app, max_body_size=limit * 64, idle_connection_timeout=3600)
+    server = _Server(app, max_body_size=limit * 64, idle_connection_timeout=3600)
     server.listen(port, address=host)
     logger.info("xdask server listening on http://%s:%d", host, port)
     return server
