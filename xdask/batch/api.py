@@ -205,6 +205,60 @@ def read_input(path: pathlib.Path, endpoint: str, max_requests: int) -> tuple[li
     return items, fatal[:_MAX_REPORTED]
 
 
+# -- chunk tasks that a cancel can stop ------------------------------------------------
+
+#: Stopped runs a worker remembers, so a chunk that starts after the stop does nothing.
+_STOPPED_KEPT = 1000
+
+
+def _worker_sets(worker: Any) -> tuple[dict[str, set[asyncio.Task[Any]]], dict[str, None]]:
+    """This worker's running batch chunks by run, and the runs stopped (an ordered set)."""
+    if not hasattr(worker, "_xdask_batch_chunks"):
+        worker._xdask_batch_chunks = {}
+        worker._xdask_stopped_runs = {}
+    return worker._xdask_batch_chunks, worker._xdask_stopped_runs
+
+
+async def run_batch_chunk(run_id: str, uid: str, kind: str, bodies: list[Any]) -> list[dict[str, Any]] | None:
+    """A Dask task: ``runner.run_chunk``, which ``stop_batch_chunks`` can stop while it runs (then None).
+
+    Why: Dask cancels a task only before it starts, and a running chunk would
+    keep the model busy for a batch nobody wants any more. Cancelling the
+    chunk cancels its requests' streams, which stops their generation.
+    """
+    from distributed import get_worker
+
+    running, stopped = _worker_sets(get_worker())
+    if run_id in stopped:
+        return None
+    inner = asyncio.ensure_future(run_chunk(uid, kind, bodies))
+    mine = running.setdefault(run_id, set())
+    mine.add(inner)
+    try:
+        return await inner
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if inner.cancelled() and (current is None or not current.cancelling()):
+            return None  # stopped by its batch; the worker closing is another matter (Dask reschedules)
+        raise
+    finally:
+        mine.discard(inner)
+        if not mine:
+            running.pop(run_id, None)
+
+
+def stop_batch_chunks(run_id: str, dask_worker: Any = None) -> int:
+    """Run on each worker (``Client.run``): stop one run's chunks; how many were running there."""
+    running, stopped = _worker_sets(dask_worker)
+    stopped[run_id] = None
+    while len(stopped) > _STOPPED_KEPT:
+        del stopped[next(iter(stopped))]
+    tasks = running.pop(run_id, set())
+    for task in tasks:
+        task.cancel()
+    return len(tasks)
+
+
 # -- the manager ---------------------------------------------------------------------
 
 
@@ -503,12 +557,13 @@ class BatchManager:
         limit = max(1, int(config.get("batch-api.max-chunks-in-flight")))
         pending = collections.deque(chunks)
         running: dict[asyncio.Future[list[dict[str, Any]]], tuple[Any, list[Item]]] = {}
+        run_id = new_id(f"{job.id}-")  # this server's run of the batch: what a stop names on the workers
         try:
             while pending or running:
                 while pending and len(running) < limit:
                     uid, group = pending.popleft()
-                    fut = client.submit(run_chunk, uid, kind, [i.body for i in group], pure=False,
-                                        key=f"run_chunk-{job.id}-{new_id('')}")
+                    fut = client.submit(run_batch_chunk, run_id, uid, kind, [i.body for i in group], pure=False,
+                                        key=f"run_chunk-{run_id}-{len(pending)}")
                     running[asyncio.ensure_future(self._chunk_outcomes(fut, len(group)))] = (fut, group)
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -526,6 +581,8 @@ class BatchManager:
                     task.cancel()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(client.cancel([fut for fut, _ in running.values()]), 10)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.run(stop_batch_chunks, run_id), 10)
 
     @staticmethod
     async def _chunk_outcomes(fut: Any, n: int) -> list[dict[str, Any]]:
