@@ -34,7 +34,12 @@ from xdask.cluster.stream import install_stream_handler
 from xdask.cluster.worker import gpu_ledger
 from xdask.engines import create_engine
 from xdask.engines.base import Delta
-from xdask.errors import LaunchCancelledError, ModelNotReadyError, XdaskError
+from xdask.errors import (
+    InvalidRequestError,
+    LaunchCancelledError,
+    ModelNotReadyError,
+    XdaskError,
+)
 from xdask.hub import locate_model
 from xdask.hub import progress as launch_board
 from xdask.registry.specs import ResolvedModel
@@ -127,6 +132,11 @@ class ModelActor:
         """
         if self._closed:
             raise ModelNotReadyError(f"Model {self.uid} is shutting down")
+        if not hasattr(self.engine, "generate"):
+            raise InvalidRequestError(
+                f"Model {self.uid} is a {self.resolved.family.model_type} model: it does not generate text",
+                param="model", code="wrong_model_type",
+            )
         prompt = build_prompt(self.resolved.family, request, self.engine)
         params = build_params(self.resolved.family, request)
         loop = asyncio.get_running_loop()
@@ -165,6 +175,31 @@ class ModelActor:
                     return
         finally:
             cancelled.set()
+            self._in_flight -= 1
+
+    async def invoke(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Run a non-generative op (``{"kind": "invoke", "op", "payload"}``) on the model's threads.
+
+        Embeddings, rerank, images and audio come here (``xdask.engines.TaskEngine``);
+        the engine batches concurrent calls itself where it can.
+        """
+        if self._closed:
+            raise ModelNotReadyError(f"Model {self.uid} is shutting down")
+        op = request.get("op")
+        ops = getattr(self.engine, "ops", frozenset())
+        if op not in ops:
+            kind = self.resolved.family.model_type
+            raise InvalidRequestError(
+                f"Model {self.uid} is a {kind} model: it does not serve {op!r}"
+                + (f" (it serves: {', '.join(sorted(ops))})" if ops else " (it generates text: use chat or completions)"),
+                param="model", code="wrong_model_type",
+            )
+        loop = asyncio.get_running_loop()
+        self._in_flight += 1
+        self._requests_total += 1
+        try:
+            return await loop.run_in_executor(self._pool, self.engine.invoke, op, request.get("payload") or {})
+        finally:
             self._in_flight -= 1
 
     def _job_done(self, job: asyncio.Future) -> None:

@@ -459,6 +459,8 @@ def estimate_replica_bytes(
     if not config.get("placement.check-memory", True):
         return 0
     engine_kwargs = engine_kwargs or {}
+    if resolved.family.model_type != "LLM":
+        return task_model_bytes(resolved, model_path)
     try:
         arch, weights = local_model_facts(resolved, model_path)
         est = estimate_memory(
@@ -471,6 +473,32 @@ def estimate_replica_bytes(
         logger.debug("No memory estimate for %s: %s", resolved.family.model_name, exc)
         return 0
     return est.total_bytes
+
+
+#: Weight files of embedding, rerank, image and audio models.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".gguf")
+
+
+def task_model_bytes(resolved: ResolvedModel, model_path: str | None = None) -> int:
+    """An embedding, rerank, image or audio model: its weight files x margin + runtime bytes; 0 if not on disk.
+
+    These models hold no KV cache; their activations are small next to the
+    weights except for image models at large sizes, which the margin covers.
+    """
+    from xdask.hub.locate import cache_dir
+
+    for candidate in (model_path, resolved.local_path(), cache_dir(resolved)):
+        if not candidate:
+            continue
+        path = pathlib.Path(candidate).expanduser()
+        if not path.exists():
+            continue
+        files = [path] if path.is_file() else [f for f in path.rglob("*") if f.suffix in _WEIGHT_SUFFIXES]
+        weights = sum(f.stat().st_size for f in files if f.is_file())
+        if weights:
+            margin = float(config.get("placement.memory-margin", 1.2))
+            return int(weights * margin) + int(config.get("placement.runtime-bytes", 256 * 2**20))
+    return 0
 
 
 def estimate_catalog_model(

@@ -12,7 +12,9 @@ Protocol on one comm, per request::
     server -> worker  {"op": "xdask_generate", "actor_key", "request", "reply": False}
     worker -> server  {"t": text, "f": finish_reason, "u": [prompt, completion]} ...
     worker -> server  {"end": True}            or {"error": {...}}
-                      (a non-streamed request gets one message: its text, usage and "end")
+                      (a non-streamed request gets one message: its text, usage and "end";
+                      a non-generative op, ``{"kind": "invoke", "op", "payload"}``, gets
+                      ``{"r": result, "end": True}``)
     server -> worker  {"ack": True}            the comm goes back to the pool
 
 Closing the comm before ``end`` cancels the generation on the worker.
@@ -84,6 +86,9 @@ class StreamHandler:
     async def _pump(self, comm: Any, actor: Any, request: dict[str, Any], reader: asyncio.Future) -> None:
         from xdask.cluster.actor import error_payload
 
+        if request.get("kind") == "invoke":  # a non-generative op: one answer
+            await self._invoke(comm, actor, request, reader)
+            return
         incremental = bool(request.get("stream", True))
         gen = actor.stream(request, incremental=incremental)
         held: list[Delta] = []  # non-incremental: everything goes out with "end"
@@ -113,6 +118,25 @@ class StreamHandler:
             await comm.write({"error": error_payload(exc)})
         finally:
             await gen.aclose()
+
+
+    async def _invoke(self, comm: Any, actor: Any, request: dict[str, Any], reader: asyncio.Future) -> None:
+        """``{"r": result, "end": True}`` or ``{"error": ...}``; the server hanging up abandons the result."""
+        from xdask.cluster.actor import error_payload
+
+        call = asyncio.ensure_future(actor.invoke(request))
+        await asyncio.wait({call, reader}, return_when=asyncio.FIRST_COMPLETED)
+        if not call.done():  # the server closed the comm; the op finishes on its thread, unread
+            call.add_done_callback(lambda f: f.cancelled() or f.exception())
+            return
+        try:
+            result = call.result()
+        except Exception as exc:
+            if not isinstance(exc, XdaskError):
+                logger.exception("%s failed", request.get("op"))
+            await comm.write({"error": error_payload(exc)})
+            return
+        await comm.write({"r": result, "end": True})
 
 
 def install_stream_handler(worker: Any) -> None:
@@ -161,7 +185,7 @@ async def open_stream(pool: Any, address: str, actor_key: str, request: dict[str
             if msg.get("end"):
                 await comm.write({"ack": True})
                 clean = True
-                if "t" in msg:
+                if "t" in msg or "r" in msg:
                     yield msg
                 return
             yield msg

@@ -50,6 +50,7 @@ from xdask.hub.progress import (
     worker_progress,
 )
 from xdask.registry import get_family, resolve
+from xdask.registry.families import normalize_model_type, type_facts
 
 logger = logging.getLogger(__name__)
 
@@ -322,14 +323,13 @@ class Supervisor:
         model_name = request.get("model_name")
         if not model_name:
             raise InvalidRequestError("model_name is required", param="model_name")
-        model_type = request.get("model_type") or "LLM"
-        if model_type != "LLM":
-            raise InvalidRequestError(f"model_type {model_type!r} is not supported yet", param="model_type")
+        model_type = normalize_model_type(request.get("model_type") or "LLM")
         resolved = resolve(
             model_name,
             request.get("model_format"),
             request.get("model_size_in_billions"),
             request.get("quantization"),
+            model_type=model_type,
         )
         placement = PlacementRequest.from_launch(request)
         hosts = await self.host_facts()
@@ -347,7 +347,7 @@ class Supervisor:
         family = resolved.family
         spec = {
             "model_name": family.model_name,
-            "model_type": "LLM",
+            "model_type": family.model_type,
             "model_engine": engine,
             "model_format": resolved.spec.model_format,
             "model_size_in_billions": resolved.spec.model_size_in_billions,
@@ -356,8 +356,10 @@ class Supervisor:
             "model_lang": family.model_lang,
             "model_description": family.model_description,
             "model_family": family.model_family or family.model_name,
-            "context_length": family.context_length,
+            "context_length": getattr(family, "context_length", None),
             "engine_kwargs": engine_kwargs,
+            # Type-specific facts clients read from GET /v1/models/{uid} (dimensions, max_tokens, ...).
+            **type_facts(family),
         }
         launch = {
             "resolved": resolved.model_dump(mode="json"),
@@ -459,6 +461,24 @@ class Supervisor:
 
     # -- requests -----------------------------------------------------------
 
+    async def invoke(self, uid: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Run a non-generative op (embed, rerank, text_to_image, transcribe, ...) on a replica of ``uid``.
+
+        Routed like a generation (least outstanding requests; a gone replica
+        is retried on another), bounded by ``xdask.server.request-timeout``.
+        """
+        from xdask.errors import RequestTimeoutError
+
+        deadline = float(config.get("server.request-timeout"))
+        try:
+            async with asyncio.timeout(deadline):
+                async for msg in self.router.stream(uid, {"kind": "invoke", "op": op, "payload": payload}):
+                    if "r" in msg:
+                        return msg["r"]
+        except TimeoutError as exc:
+            raise RequestTimeoutError(f"The model took longer than {deadline} s") from exc
+        raise XdaskError(f"Model {uid} ended {op} without a result")
+
     def stream(self, uid: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Route one generation request to the least-loaded ready replica and yield its messages."""
         return self.router.stream(uid, request)
@@ -483,7 +503,7 @@ def _spec_cache_folder(spec: dict[str, Any]) -> str | None:
 
     try:
         resolved = resolve(spec["model_name"], spec.get("model_format"), spec.get("model_size_in_billions"),
-                           spec.get("quantization"))
+                           spec.get("quantization"), model_type=spec.get("model_type") or "LLM")
     except XdaskError:
         return None
     return cache_dir(resolved).name

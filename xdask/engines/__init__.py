@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from xdask.engines.base import Delta, Emit, Engine, SamplingParams
+from xdask.engines.base import Delta, Emit, Engine, SamplingParams, TaskEngine
 from xdask.engines.devices import normalize_gpu_idx
 from xdask.engines.matrix import ENGINES, canonical_engine, choose, why_not
 from xdask.errors import EngineUnavailableError, InvalidRequestError
@@ -18,6 +18,15 @@ from xdask.registry.specs import ResolvedModel
 
 #: Engine name -> the model formats it loads.
 ENGINE_FORMATS: dict[str, tuple[str, ...]] = {name: info.formats for name, info in ENGINES.items()}
+
+#: (model type, engine) -> module with ``make_engine(resolved, model_path, kwargs, gpu_idx=None)``
+#: returning a ``TaskEngine`` (embeddings, rerank, images, audio).
+_TASK_ENGINE_MODULES = {
+    ("embedding", "sentence_transformers"): "xdask.engines.embedding",
+    ("rerank", "sentence_transformers"): "xdask.engines.rerank",
+    ("image", "diffusers"): "xdask.engines.image",
+    ("audio", "transformers"): "xdask.engines.audio",
+}
 
 #: Engine name -> module with ``make_engine(model_path, context_length, kwargs, gpu_idx=None)``.
 _ENGINE_MODULES = {
@@ -41,7 +50,7 @@ def _alternatives(resolved: ResolvedModel, hosts: list[dict[str, Any]]) -> str:
             f"{engine} + {spec.model_format}"
             for spec in resolved.family.model_specs
             for engine in ENGINES
-            if any(why_not(engine, spec.model_format, h) is None for h in hosts)
+            if any(why_not(engine, spec.model_format, h, resolved.family.model_type) is None for h in hosts)
         }
     )
     return f" Combinations of {resolved.family.model_name} that can run here: {', '.join(pairs) or 'none'}."
@@ -54,14 +63,15 @@ def check_engine(resolved: ResolvedModel, model_engine: str | None, hosts: list[
     the engine must be able to run on at least one of them.
     """
     fmt = resolved.spec.model_format
+    model_type = resolved.family.model_type
     if not hosts:
         raise EngineUnavailableError("The cluster has no workers to run a model on")
     if model_engine is None:
         for host in hosts:
-            engine, _ = choose(fmt, host)
+            engine, _ = choose(fmt, host, model_type)
             if engine is not None:
                 return engine
-        _, reasons = choose(fmt, hosts[0])
+        _, reasons = choose(fmt, hosts[0], model_type)
         detail = "; ".join(reasons.values())
         raise EngineUnavailableError(
             f"No engine can run {resolved.family.model_name} ({fmt}) on this cluster: {detail}."
@@ -73,7 +83,7 @@ def check_engine(resolved: ResolvedModel, model_engine: str | None, hosts: list[
         raise EngineUnavailableError(
             f"Unknown engine {model_engine!r}; known engines: {', '.join(ENGINES)}", param="model_engine"
         )
-    reasons = [why_not(engine, fmt, h) for h in hosts]
+    reasons = [why_not(engine, fmt, h, model_type) for h in hosts]
     if all(r is not None for r in reasons):
         raise EngineUnavailableError(
             f"Model {resolved.family.model_name} ({fmt}) cannot run on engine {engine}: {reasons[0]}."
@@ -89,7 +99,7 @@ def create_engine(
     model_path: str,
     engine_kwargs: dict[str, Any],
     gpu_idx: list[int] | None = None,
-) -> Engine:
+) -> Engine | TaskEngine:
     """Build the engine object (not yet loaded) on the worker that will run it.
 
     ``gpu_idx``: the GPU ordinals placement booked for this replica, as this
@@ -100,6 +110,12 @@ def create_engine(
     """
     kwargs = dict(engine_kwargs)
     gpu_idx = normalize_gpu_idx(gpu_idx)
+    model_type = resolved.family.model_type
+    if model_type != "LLM":
+        task_module = _TASK_ENGINE_MODULES.get((model_type, model_engine))
+        if task_module is None:
+            raise EngineUnavailableError(f"Engine {model_engine!r} does not serve {model_type} models")
+        return importlib.import_module(task_module).make_engine(resolved, model_path, kwargs, gpu_idx=gpu_idx)
     if model_engine == "llama.cpp":
         from xdask.engines.llama_cpp import choose_backend, make_engine
         from xdask.engines.llama_cpp.options import LlamaCppOptions
@@ -126,6 +142,7 @@ __all__ = [
     "Emit",
     "Engine",
     "SamplingParams",
+    "TaskEngine",
     "check_engine",
     "create_engine",
     "engines_for",

@@ -87,3 +87,33 @@ class Engine(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """Engine facts for ``GET /v1/models/{uid}`` (backend, slots, ...)."""
+
+
+@runtime_checkable
+class TaskEngine(Protocol):
+    """A non-generative model (embedding, rerank, image, audio) behind one thread-callable entry point.
+
+    Why one ``invoke`` instead of a method per task: the actor, the stream
+    op, routing and the batch runner move ``(op, payload) -> result`` without
+    knowing the model type; each engine names the ops it serves in ``ops``
+    (``embed``, ``rerank``, ``text_to_image``, ``image_to_image``,
+    ``transcribe``, ``translate``, ``speech``). Payloads and results are
+    msgpack-friendly dicts (bytes allowed, no numpy arrays).
+    """
+
+    #: How many invocations run at once (threads of the actor's pool).
+    max_concurrency: int
+    #: The ops this model serves.
+    ops: frozenset[str]
+
+    def load(self) -> None:
+        """Load weights; raise ``ModelLoadError`` with the engine's reason."""
+
+    def invoke(self, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Run one op; blocks its thread. Bad input raises ``InvalidRequestError``."""
+
+    def close(self) -> None:
+        """Free the model's memory; the engine is unusable afterwards."""
+
+    def describe(self) -> dict[str, Any]:
+        """Engine facts for ``GET /v1/models/{uid}`` (backend, device, dimensions, ...)."""

@@ -18,7 +18,7 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any
 
-from xdask.registry.specs import LLMFamily, ModelSpec
+from xdask.registry.specs import AnyFamily, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class EngineInfo:
     #: Platforms (``platform.system()``) it runs on; empty means any.
     systems: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    #: Model types it serves (``LLM``, ``embedding``, ``rerank``, ``image``, ``audio``).
+    model_types: tuple[str, ...] = ("LLM",)
 
 
 ENGINES: dict[str, EngineInfo] = {
@@ -52,7 +54,7 @@ ENGINES: dict[str, EngineInfo] = {
             "transformers", ("pytorch", "ggufv2", "gptq", "awq"), ("torch", "transformers"),
             "pip install 'xdask[transformers]'",
             format_modules={"ggufv2": ("gguf",), "gptq": ("gptqmodel",), "awq": ("awq",)},
-            aliases=("pytorch", "hf"),
+            aliases=("pytorch", "hf"), model_types=("LLM", "audio"),
         ),
         EngineInfo(
             "vllm", ("pytorch", "awq", "gptq", "ggufv2", "fp8"), ("vllm",),
@@ -68,6 +70,16 @@ ENGINES: dict[str, EngineInfo] = {
             "mlx", ("mlx", "pytorch"), ("mlx_lm",),
             "pip install 'xdask[mlx]' (Apple silicon; on Linux it brings mlx[cpu])",
             systems=("Darwin", "Linux"), aliases=("MLX", "mlx-lm", "mlx_lm"),
+        ),
+        EngineInfo(
+            "sentence_transformers", ("pytorch",), ("sentence_transformers", "torch"),
+            "pip install 'xdask[embedding]' (install torch for your platform first)",
+            aliases=("sentence-transformers", "SentenceTransformers", "st"), model_types=("embedding", "rerank"),
+        ),
+        EngineInfo(
+            "diffusers", ("pytorch",), ("diffusers", "torch"),
+            "pip install 'xdask[image]' (install torch for your platform first)",
+            aliases=("Diffusers",), model_types=("image",),
         ),
     )
 }
@@ -120,9 +132,12 @@ def collect_host_facts(gpu_count: int | None = None) -> dict[str, Any]:
     }
 
 
-def why_not(engine: str, model_format: str, host: dict[str, Any]) -> str | None:
-    """Why ``engine`` cannot load ``model_format`` on ``host``; None when it can."""
+def why_not(engine: str, model_format: str, host: dict[str, Any], model_type: str = "LLM") -> str | None:
+    """Why ``engine`` cannot load ``model_format`` (a ``model_type`` model) on ``host``; None when it can."""
     info = ENGINES[engine]
+    if model_type not in info.model_types:
+        serving = [e.name for e in ENGINES.values() if model_type in e.model_types]
+        return f"{engine} does not serve {model_type} models (engines that do: {', '.join(serving) or 'none'})"
     if model_format not in info.formats:
         return f"{engine} does not load the {model_format} format (it loads: {', '.join(info.formats)})"
     if info.systems and host["system"] not in info.systems:
@@ -144,12 +159,15 @@ def why_not(engine: str, model_format: str, host: dict[str, Any]) -> str | None:
     return None
 
 
-def preferred_engines(model_format: str, host: dict[str, Any]) -> list[str]:
+def preferred_engines(model_format: str, host: dict[str, Any], model_type: str = "LLM") -> list[str]:
     """Engines in the order a launch without ``model_engine`` tries them.
 
-    The seed's rules: Linux + CUDA + pytorch/awq/gptq -> vLLM; GGUF -> llama.cpp;
+    The seed's rules for LLMs: Linux + CUDA + pytorch/awq/gptq -> vLLM; GGUF -> llama.cpp;
     Apple silicon + mlx -> MLX; otherwise transformers. Others follow as fallbacks.
+    Other model types: the engines that serve the type, in the table's order.
     """
+    if model_type != "LLM":
+        return [e.name for e in ENGINES.values() if model_type in e.model_types]
     order: list[str] = []
     cuda = bool(host.get("cuda_gpus")) and host["system"] == "Linux"
     if model_format in ("ggufv2", "gguf"):
@@ -161,22 +179,22 @@ def preferred_engines(model_format: str, host: dict[str, Any]) -> list[str]:
     order.append("transformers")
     if cuda:
         order.append("sglang")
-    order += [e for e in ENGINES if e not in order]
+    order += [e for e, info in ENGINES.items() if e not in order and "LLM" in info.model_types]
     return order
 
 
-def choose(model_format: str, host: dict[str, Any]) -> tuple[str | None, dict[str, str]]:
+def choose(model_format: str, host: dict[str, Any], model_type: str = "LLM") -> tuple[str | None, dict[str, str]]:
     """The engine a launch without ``model_engine`` gets, and why the others were passed over."""
     reasons: dict[str, str] = {}
-    for engine in preferred_engines(model_format, host):
-        reason = why_not(engine, model_format, host)
+    for engine in preferred_engines(model_format, host, model_type):
+        reason = why_not(engine, model_format, host, model_type)
         if reason is None:
             return engine, reasons
         reasons[engine] = reason
     return None, reasons
 
 
-def family_matrix(family: LLMFamily, hosts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def family_matrix(family: AnyFamily, hosts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """``GET /v1/engines/{model_name}``: per engine, each spec with whether it can run here.
 
     Xinference's shape (engine -> list of {model_name, model_format,
@@ -184,10 +202,12 @@ def family_matrix(family: LLMFamily, hosts: list[dict[str, Any]]) -> dict[str, l
     not, ``reason``. A spec is available when at least one host can run it.
     """
     out: dict[str, list[dict[str, Any]]] = {}
-    for engine in ENGINES:
+    for engine, info in ENGINES.items():
+        if family.model_type not in info.model_types:
+            continue
         rows = []
         for spec in family.model_specs:
-            reason = _best_reason(engine, spec, hosts)
+            reason = _best_reason(engine, spec, hosts, family.model_type)
             if spec.model_format not in ENGINES[engine].formats:
                 continue
             row: dict[str, Any] = {
@@ -205,8 +225,8 @@ def family_matrix(family: LLMFamily, hosts: list[dict[str, Any]]) -> dict[str, l
     return out
 
 
-def _best_reason(engine: str, spec: ModelSpec, hosts: list[dict[str, Any]]) -> str | None:
+def _best_reason(engine: str, spec: ModelSpec, hosts: list[dict[str, Any]], model_type: str = "LLM") -> str | None:
     if not hosts:
         return "the cluster has no workers"
-    reasons = [why_not(engine, spec.model_format, h) for h in hosts]
+    reasons = [why_not(engine, spec.model_format, h, model_type) for h in hosts]
     return None if any(r is None for r in reasons) else reasons[0]

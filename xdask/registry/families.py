@@ -20,6 +20,7 @@ import functools
 import json
 import pathlib
 from collections.abc import Iterable
+from typing import Any
 
 import pydantic
 
@@ -142,13 +143,13 @@ def resolve(
     model_format: str | None = None,
     model_size_in_billions: float | str | None = None,
     quantization: str | None = None,
+    model_type: str = "LLM",
 ) -> ResolvedModel:
-    """Narrow an LLM family to the spec and quantization that a launch asked for.
+    """Narrow a family (of ``model_type``) to the spec and quantization that a launch asked for.
 
     Any argument left out matches the first spec that fits, as in Xinference.
     """
-    family = get_family(model_name)
-    assert isinstance(family, LLMFamily)
+    family = get_family(model_name, model_type)
     candidates: list[ModelSpec] = [
         spec
         for spec in family.model_specs
@@ -168,3 +169,17 @@ def resolve(
         )
     spec = candidates[0]
     return ResolvedModel(family=family, spec=spec, quantization=quantization or spec.quantizations[0])
+
+
+#: Fields of each non-LLM family that a running model reports (``GET /v1/models/{uid}``).
+_TYPE_FACTS = {
+    "embedding": ("dimensions", "max_tokens", "language"),
+    "rerank": ("type", "max_tokens", "language"),
+    "image": ("default_generate_config",),
+    "audio": ("multilingual",),
+}
+
+
+def type_facts(family: AnyFamily) -> dict[str, Any]:
+    """The type-specific fields of ``family`` (empty for an LLM)."""
+    return {name: getattr(family, name) for name in _TYPE_FACTS.get(family.model_type, ())}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -294,7 +294,7 @@ class ResolvedModel(BaseModel):
 
     model_config = ConfigDict(protected_namespaces=())
 
-    family: LLMFamily
+    family: Annotated[AnyFamily, Field(discriminator="model_type")]
     spec: ModelSpec
     quantization: str
 
