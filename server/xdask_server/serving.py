@@ -15,7 +15,7 @@ from typing import Any
 
 from xdask import config
 from xdask.cluster.supervisor import Supervisor
-from xdask.errors import RequestTimeoutError
+from xdask.errors import InvalidRequestError, RequestTimeoutError
 from xdask.protocol import internal_request, resolve_max_tokens
 from xdask.registry import list_families
 from xdask.responses import chat_completion, text_completion
@@ -85,6 +85,17 @@ def registrations(model_type: str, detailed: bool) -> list[dict[str, Any]]:
     return out
 
 
+def check_model_type(record: dict[str, Any], model_type: str, endpoint: str) -> None:
+    """400 ``wrong_model_type`` when ``endpoint`` is called on a model of another type."""
+    actual = record["spec"].get("model_type") or "LLM"
+    if actual != model_type:
+        raise InvalidRequestError(
+            f"Model {record['model_uid']} is a{'n' if actual[0] in 'aeiouAEIOU' else ''} {actual} model; "
+            f"{endpoint} serves {model_type} models",
+            param="model", code="wrong_model_type",
+        )
+
+
 class _Usage:
     """Token counts reported by the engine in its last message."""
 
@@ -117,6 +128,8 @@ class OpenAIServing:
 
     async def _internal(self, req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
         record = await self.supervisor._record(req.model)
+        check_model_type(record, "LLM", "/v1/chat/completions" if isinstance(req, ChatCompletionRequest)
+                         else "/v1/completions")
         max_tokens = resolve_max_tokens(req.requested_max_tokens, int(record["spec"]["context_length"]))
         return internal_request(req, max_tokens)
 
