@@ -173,19 +173,32 @@ async def run_chunk(uid: str, kind: str, bodies: list[Any], retries: int | None 
 
 
 async def run_bodies(worker: Any, uid: str, kind: str, bodies: list[Any], retries: int | None = None,
-                     backoff: float | None = None) -> list[dict[str, Any]]:
-    """``run_chunk`` for a given worker (also called from a worker thread through ``sync``)."""
+                     backoff: float | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """``run_chunk`` for a given worker (also called from a worker thread through ``sync``).
+
+    ``limit``: at most that many items at the model at once, a sliding
+    window (the next item starts as soon as one ends, so a long partition
+    keeps the engine full without a pause at the end of every chunk).
+    """
     retries = int(config.get("batch.retries")) if retries is None else int(retries)
     backoff = float(config.get("batch.retry-backoff")) if backoff is None else float(backoff)
     router = worker_router(worker)
-    return list(await asyncio.gather(*(run_item(router, uid, kind, b, retries, backoff) for b in bodies)))
+    if not limit or limit >= len(bodies):
+        return list(await asyncio.gather(*(run_item(router, uid, kind, b, retries, backoff) for b in bodies)))
+    window = asyncio.Semaphore(limit)
+
+    async def one(body: Any) -> dict[str, Any]:
+        async with window:
+            return await run_item(router, uid, kind, body, retries, backoff)
+
+    return list(await asyncio.gather(*(one(b) for b in bodies)))
 
 
 def run_chunk_in_thread(uid: str, kind: str, bodies: list[Any], retries: int | None = None,
-                        backoff: float | None = None) -> list[dict[str, Any]]:
+                        backoff: float | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """``run_chunk`` from a task that runs in a worker thread (a dataframe or bag partition)."""
     from distributed import get_worker
     from distributed.utils import sync
 
     worker = get_worker()
-    return sync(worker.loop, run_bodies, worker, uid, kind, bodies, retries, backoff)
+    return sync(worker.loop, run_bodies, worker, uid, kind, bodies, retries, backoff, limit)
