@@ -9,19 +9,26 @@ Examples
 >>> model.chat([{"role": "user", "content": "Hi"}], max_tokens=16)["choices"][0]["message"]["content"]
 >>> for chunk in model.chat("Tell me a story", stream=True):
 ...     print(chunk["choices"][0]["delta"].get("content", ""), end="")
+>>> answers = model.chat_batch(["Hi", "2+2?"], max_tokens=16).answers()   # Dask futures, see chat_batch
 >>> client.terminate_model(uid)
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from typing import Any
+import threading
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Self
 
 import httpx
 
 from xdask import config
 from xdask.errors import XdaskError, from_dict
+
+if TYPE_CHECKING:
+    import distributed
+
+    from xdask.batch.futures import BatchFutures
 
 
 def _raise_for_error(response: httpx.Response) -> None:
@@ -105,6 +112,47 @@ class ModelHandle:
     def describe(self) -> dict[str, Any]:
         return self._client.describe_model(self.uid)
 
+    def _batch(self, kind: str, items: Sequence[Any], chunk_size: int | None, retries: int | None,
+               params: dict[str, Any]) -> BatchFutures:
+        from xdask.batch.futures import ready_concurrency, submit_batch
+
+        concurrency = ready_concurrency(self.describe()["replicas"])
+        return submit_batch(self._client.dask_client(), self.uid, kind, items, concurrency=concurrency,
+                            chunk_size=chunk_size, retries=retries, **params)
+
+    def chat_batch(
+        self,
+        items: Sequence[list[dict[str, Any]] | str | dict[str, Any]],
+        *,
+        chunk_size: int | None = None,
+        retries: int | None = None,
+        **params: Any,
+    ) -> BatchFutures:
+        """Many chat requests as Dask futures, run inside the cluster (not through this server).
+
+        Each item is a message list, a string (one user message) or a whole
+        request body; ``params`` (``max_tokens``, ``temperature``, ...) apply
+        to every item. Items go in chunks of ``chunk_size`` (default
+        ``batch.chunk-size``, 0 = the model's concurrency) as Dask tasks; an
+        item whose replica was lost is retried ``retries`` times
+        (``batch.retries``). A bad item becomes an error outcome; bad
+        ``params`` raise ``InvalidRequestError`` before anything runs.
+        Needs ``Client.dask_client()`` (this process must reach the scheduler
+        and workers). See ``xdask.batch.futures`` for the returned ``BatchFutures``.
+        """
+        return self._batch("chat", items, chunk_size, retries, params)
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str | dict[str, Any]],
+        *,
+        chunk_size: int | None = None,
+        retries: int | None = None,
+        **params: Any,
+    ) -> BatchFutures:
+        """Many completions (``/v1/completions`` bodies) as Dask futures; as ``chat_batch``."""
+        return self._batch("completion", prompts, chunk_size, retries, params)
+
 
 class Client:
     """HTTP client of an xdask server (``XDASK_ENDPOINT`` by default)."""
@@ -113,11 +161,41 @@ class Client:
         self.endpoint = (endpoint or config.get("endpoint")).rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.endpoint, timeout=timeout, headers=headers)
+        self._dask: distributed.Client | None = None
+        self._dask_lock = threading.Lock()
 
     def close(self) -> None:
         self._http.close()
+        if self._dask is not None:
+            self._dask.close()
+            self._dask = None
 
-    def __enter__(self) -> Client:
+    def dask_client(self) -> distributed.Client:
+        """A ``distributed.Client`` to the server's Dask scheduler (as ``GET /status`` names it), made once.
+
+        Batch futures and dask collections run as tasks on the cluster, so
+        this process must reach the scheduler *and* the workers at the
+        addresses they advertise (a laptop outside the cluster's network
+        cannot; use the OpenAI Batch API there). Inside a Dask task it is the
+        worker's own client (``distributed.get_client()``). The client made
+        here becomes Dask's default, so ``.compute()`` on a collection from
+        ``xdask.batch.map_chat`` runs on the cluster.
+        """
+        import distributed
+
+        try:
+            distributed.get_worker()
+        except ValueError:
+            pass
+        else:
+            return distributed.get_client()
+        with self._dask_lock:
+            if self._dask is None or self._dask.status in ("closing", "closed"):
+                address = self._request("GET", "/status")["scheduler"]
+                self._dask = distributed.Client(address)
+            return self._dask
+
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
