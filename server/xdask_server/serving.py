@@ -18,6 +18,7 @@ from xdask.cluster.supervisor import Supervisor
 from xdask.errors import InvalidRequestError, RequestTimeoutError
 from xdask.protocol import internal_request, resolve_max_tokens
 from xdask.registry import list_families
+from xdask.registry.families import type_fact_names
 from xdask.responses import chat_completion, text_completion
 from xdask_server.protocol import (
     ChatCompletionRequest,
@@ -71,6 +72,8 @@ def describe(record: dict[str, Any]) -> dict[str, Any]:
         "engine": serving[0].get("engine") if serving else None,
         "replicas": [_replica_view(r) for r in replicas],
         "history": record.get("history", []),
+        # Type-specific facts: an embedding model's dimensions and max_tokens, a reranker's type, ...
+        **{name: spec[name] for name in type_fact_names(spec["model_type"]) if name in spec},
     }
 
 

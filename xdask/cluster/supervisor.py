@@ -49,8 +49,8 @@ from xdask.hub.progress import (
     worker_cancel,
     worker_progress,
 )
-from xdask.registry import get_family, resolve
-from xdask.registry.families import normalize_model_type, type_facts
+from xdask.registry import resolve
+from xdask.registry.families import find_family, normalize_model_type, type_facts
 
 logger = logging.getLogger(__name__)
 
@@ -221,17 +221,20 @@ class Supervisor:
 
     async def engine_matrix(self, model_name: str) -> dict[str, list[dict[str, Any]]]:
         """``GET /v1/engines/{model_name}``: which engine runs which spec here, or why not."""
-        family = get_family(model_name)
+        family = find_family(model_name)
         return family_matrix(family, list((await self.host_facts()).values()))
 
-    async def _excluded(self, engine: str, model_format: str) -> dict[str, str]:
-        """Workers that cannot run ``engine`` on ``model_format``, with why (workers unknown yet: allowed)."""
+    async def _excluded(self, engine: str, model_format: str, model_type: str = "LLM") -> dict[str, str]:
+        """Workers that cannot run ``engine`` on ``model_format`` (a ``model_type`` model), with why.
+
+        Workers not known yet are allowed.
+        """
         hosts = await self.host_facts()
-        return {a: r for a, h in hosts.items() if (r := why_not(engine, model_format, h)) is not None}
+        return {a: r for a, h in hosts.items() if (r := why_not(engine, model_format, h, model_type)) is not None}
 
     async def _excluded_for(self, record: dict[str, Any]) -> dict[str, str]:
         spec = record["spec"]
-        return await self._excluded(spec["model_engine"], spec["model_format"])
+        return await self._excluded(spec["model_engine"], spec["model_format"], spec.get("model_type") or "LLM")
 
     async def gpu_free(self) -> dict[str, dict[int, int]]:
         """Free bytes per GPU label of each worker that has GPUs, read now (not cached: it moves)."""
@@ -374,7 +377,7 @@ class Supervisor:
         placed = await self.client.scheduler.xdask_place(
             uid=uid, spec=spec, launch=launch, placement=placement.to_dict(),
             restart_on_failure=bool(config.get("cluster.restart-on-failure") if restart is None else restart),
-            excluded=await self._excluded(engine, resolved.spec.model_format),
+            excluded=await self._excluded(engine, resolved.spec.model_format, resolved.family.model_type),
             gpu_free=await self.gpu_free() if placement.n_gpu != 0 else None,
         )
         if not placed["ok"]:

@@ -138,6 +138,19 @@ def get_family(model_name: str, model_type: str = "LLM") -> AnyFamily:
     return family
 
 
+def find_family(model_name: str) -> AnyFamily:
+    """The family called ``model_name`` of whatever type (names are unique across types); 400 if none.
+
+    For callers that get a bare name (``GET /v1/engines/{model_name}``).
+    """
+    from xdask.registry.custom import custom_families
+
+    model_type = builtin_type_of(model_name)
+    if model_type is None:
+        model_type = next((t for t in MODEL_TYPES if model_name in custom_families(t)), "LLM")
+    return get_family(model_name, model_type)
+
+
 def resolve(
     model_name: str,
     model_format: str | None = None,
@@ -173,13 +186,18 @@ def resolve(
 
 #: Fields of each non-LLM family that a running model reports (``GET /v1/models/{uid}``).
 _TYPE_FACTS = {
-    "embedding": ("dimensions", "max_tokens", "language"),
+    "embedding": ("dimensions", "max_tokens", "language", "matryoshka"),
     "rerank": ("type", "max_tokens", "language"),
     "image": ("default_generate_config",),
     "audio": ("multilingual",),
 }
 
 
+def type_fact_names(model_type: str) -> tuple[str, ...]:
+    """The names of the type-specific fields a running model of ``model_type`` reports."""
+    return _TYPE_FACTS.get(model_type, ())
+
+
 def type_facts(family: AnyFamily) -> dict[str, Any]:
     """The type-specific fields of ``family`` (empty for an LLM)."""
-    return {name: getattr(family, name) for name in _TYPE_FACTS.get(family.model_type, ())}
+    return {name: getattr(family, name) for name in type_fact_names(family.model_type)}

@@ -244,6 +244,10 @@ class EmbeddingFamily(_Family):
     dimensions: int = Field(gt=0)
     max_tokens: int = Field(gt=0)
     language: list[str]
+    #: Trained with Matryoshka representation learning: a request's ``dimensions`` may
+    #: be any size up to ``dimensions`` (the vector is cut and re-normalized). Without
+    #: it, only the full size is served, since a cut vector of another model is noise.
+    matryoshka: bool = False
 
 
 class RerankFamily(_Family):
