@@ -44,7 +44,7 @@ class TransformersOptions(EngineOptions):
     revision: str | None = None
 
 
-def check_device(device: str, gpu_idx: list[int] | None) -> None:
+def check_device(device: str, gpu_idx: list[int] | None, engine: str = "transformers") -> None:
     """400 when the ``device`` option contradicts the GPUs placement booked.
 
     The engine runs a replica on one device, so more than one booked GPU
@@ -56,7 +56,7 @@ def check_device(device: str, gpu_idx: list[int] | None) -> None:
         return
     if len(gpu_idx) > 1:
         raise InvalidRequestError(
-            f"The transformers engine runs a replica on one GPU, but {len(gpu_idx)} were booked ({gpu_idx}); "
+            f"The {engine} engine runs a replica on one GPU, but {len(gpu_idx)} were booked ({gpu_idx}); "
             "use replicas, or vllm/sglang for tensor parallelism",
             param="n_gpu",
         )
@@ -77,7 +77,7 @@ def check_device(device: str, gpu_idx: list[int] | None) -> None:
         )
 
 
-def choose_device(device: str, gpu_idx: list[int] | None, cuda: bool) -> str:
+def choose_device(device: str, gpu_idx: list[int] | None, cuda: bool, engine: str = "transformers") -> str:
     """The torch device for the ``device`` option on the GPUs placement booked.
 
     ``cuda``: whether torch sees CUDA here. The device is selected by index
@@ -94,7 +94,7 @@ def choose_device(device: str, gpu_idx: list[int] | None, cuda: bool) -> str:
     >>> choose_device("auto", None, cuda=True)
     'cuda'
     """
-    check_device(device, gpu_idx)
+    check_device(device, gpu_idx, engine)
     if gpu_idx is None:
         return device if device != "auto" else ("cuda" if cuda else "cpu")
     if device not in ("auto", "cuda") and not device.startswith("cuda:"):
@@ -102,7 +102,7 @@ def choose_device(device: str, gpu_idx: list[int] | None, cuda: bool) -> str:
     if not gpu_idx:
         return "cpu"
     if device == "auto" and not cuda:
-        logger.warning("GPU %d was booked for this transformers replica, but torch sees no CUDA: "
-                       "running on the CPU", gpu_idx[0])
+        logger.warning("GPU %d was booked for this %s replica, but torch sees no CUDA: "
+                       "running on the CPU", gpu_idx[0], engine)
         return "cpu"
     return f"cuda:{gpu_idx[0]}"
