@@ -1,4 +1,4 @@
-"""Pydantic schemas of the OpenAI generation requests (chat, completion).
+"""Pydantic schemas of the OpenAI requests (chat, completion, embeddings) and of rerank.
 
 They live in the core package because three places validate the same
 request: the HTTP server, the OpenAI Batch API (each line of a batch file)
@@ -22,6 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from xdask.errors import InvalidRequestError
 
@@ -142,6 +143,98 @@ class CompletionRequest(SamplingFields):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+def _invalid(message: str) -> PydanticCustomError:
+    """A validation error whose message reads as is (no "Value error," prefix)."""
+    return PydanticCustomError("invalid_value", message)
+
+
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings`` in OpenAI's shape; ``input`` comes out as a list of strings.
+
+    OpenAI also takes token ids (a list of integers, or of such lists); xdask
+    embeds text only, and says so. Empty strings are refused as OpenAI does;
+    ``xdask.embedding.max-inputs`` caps the list.
+    """
+
+    model_config = _COMMON
+    model: str = Field(min_length=1, max_length=256)
+    input: list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _check_input(cls, value: Any) -> list[str]:
+        from xdask import config
+
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list):
+            raise _invalid("must be a string or a list of strings")
+        if not texts:
+            raise _invalid("must not be an empty list")
+        limit = int(config.get("embedding.max-inputs"))
+        if len(texts) > limit:
+            raise _invalid(f"holds {len(texts)} items; at most {limit} per request")
+        for i, text in enumerate(texts):
+            if isinstance(text, str):
+                if not text:
+                    raise _invalid(f"item {i} is an empty string (there is nothing to embed)")
+                continue
+            if isinstance(text, int | list) and not isinstance(text, bool):
+                raise _invalid("token-id input (integers, or lists of integers) is not supported: send text")
+            raise _invalid(f"item {i} must be a string, not {type(text).__name__}")
+        return texts
+
+    def payload(self) -> dict[str, Any]:
+        """The ``embed`` op's payload (``xdask.engines.embedding``)."""
+        return {"input": self.input, "dimensions": self.dimensions}
+
+
+class RerankRequest(BaseModel):
+    """``POST /v1/rerank`` in Xinference's (Cohere's) shape.
+
+    ``documents`` are strings or ``{"text": ...}`` objects; ``top_n`` above
+    the number of documents returns them all; ``max_chunks_per_doc`` and
+    ``return_len`` are accepted and ignored (long documents are truncated,
+    and token counts are always reported).
+    """
+
+    model_config = _COMMON
+    model: str = Field(min_length=1, max_length=256)
+    query: str = Field(min_length=1)
+    documents: list[str]
+    top_n: int | None = Field(default=None, ge=1)
+    return_documents: bool | None = None
+    return_len: bool | None = None
+    max_chunks_per_doc: int | None = Field(default=None, ge=1)
+
+    @field_validator("documents", mode="before")
+    @classmethod
+    def _check_documents(cls, value: Any) -> list[str]:
+        from xdask import config
+
+        if not isinstance(value, list):
+            raise _invalid("must be a list of strings or of {\"text\": ...} objects")
+        if not value:
+            raise _invalid("must not be empty")
+        limit = int(config.get("rerank.max-documents"))
+        if len(value) > limit:
+            raise _invalid(f"holds {len(value)} items; at most {limit} per request")
+        texts = []
+        for i, doc in enumerate(value):
+            if isinstance(doc, dict) and isinstance(doc.get("text"), str):
+                doc = doc["text"]
+            if not isinstance(doc, str):
+                raise _invalid(f"item {i} must be a string or an object with a string \"text\"")
+            texts.append(doc)
+        return texts
+
+    def payload(self) -> dict[str, Any]:
+        """The ``rerank`` op's payload (``xdask.engines.rerank``)."""
+        return {"query": self.query, "documents": self.documents}
 
 
 def resolve_max_tokens(requested: int | None, context_length: int) -> int:

@@ -12,8 +12,10 @@ from xdask.batch.api import BatchManager
 from xdask.batch.store import BatchStore
 from xdask.cluster.supervisor import Supervisor
 from xdask_server import batches as batch_handlers
+from xdask_server import embeddings as retrieval_handlers
 from xdask_server import handlers as h
 from xdask_server.dashboard import Dashboard
+from xdask_server.retrieval import RetrievalServing
 from xdask_server.serving import OpenAIServing
 from xdask_server.stats import RequestStats, Sampler
 
@@ -58,12 +60,14 @@ def make_app(supervisor: Supervisor) -> web.Application:
         (r"/dashboard/", h.DashboardPageHandler),
         (r"/dashboard/data/([a-z]+)", h.DashboardDataHandler),
         (r"/dashboard/links/api", h.DashboardApiLinkHandler),
+        *retrieval_handlers.routes(),
         *batch_handlers.routes(),
     ]
     return web.Application(
         routes,
         supervisor=supervisor,
         serving=OpenAIServing(supervisor, stats),
+        retrieval=RetrievalServing(supervisor, stats),
         sampler=sampler,
         batches=batches,
         dashboard=Dashboard(supervisor, stats, sampler),
