@@ -107,3 +107,69 @@ def build_tiny_qwen2(path: Path | str, seed: int = 0, layers: int = 2, hidden: i
         weights.chmod(0o644)
     (path / "xdask_fixture.json").write_text(json.dumps({"kind": "tiny-qwen2", "seed": seed}))
     return path
+
+
+_RERANK_CORPUS = [
+    "What is the capital of France? Paris is the capital and largest city of France.",
+    "Bananas are yellow fruit rich in potassium; monkeys and people eat them.",
+    "The stock market fell today as investors sold technology shares.",
+    "Dask distributes Python computations over a cluster of workers.",
+    "A cross encoder reads the query and the document together and scores the pair.",
+] * 20
+
+
+def build_wordpiece_tokenizer(path: Path, vocab_size: int = 400, model_max_length: int = 128) -> None:
+    """Train a BERT WordPiece tokenizer offline and save it as a fast HF tokenizer."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(_RERANK_CORPUS, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                                      show_progress=False))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=model_max_length,
+    ).save_pretrained(path)
+
+
+def build_tiny_cross_encoder(path: Path | str, seed: int = 0) -> Path:
+    """A tiny random BERT cross-encoder (one relevance label) in HF format, idempotent.
+
+    ``initializer_range=0.2`` spreads the scores (the default init gives every
+    pair ~0.5025: FACTS.md), so sorting by score is meaningful in tests.
+    """
+    path = Path(path)
+    if (path / "config.json").exists() and (path / "model.safetensors").exists():
+        return path
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path.mkdir(parents=True, exist_ok=True)
+    build_wordpiece_tokenizer(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=1, initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    BertForSequenceClassification(config).eval().save_pretrained(path, safe_serialization=True)
+    for weights in path.glob("*.safetensors"):  # safetensors writes 0600 (FACTS.md)
+        weights.chmod(0o644)
+    (path / "xdask_fixture.json").write_text(json.dumps({"kind": "tiny-cross-encoder", "seed": seed}))
+    return path
