@@ -15,7 +15,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-NOTEBOOK_UIDS = {"quickstart", "batch", "tour"}  # the model uids the notebooks launch
+NOTEBOOK_UIDS = {"quickstart", "batch", "tour", "batchnb"}  # the model uids the notebooks launch
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
