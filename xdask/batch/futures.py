@@ -1,4 +1,4 @@
-"""Batch inference as Dask futures: ``ModelHandle.chat_batch`` / ``generate_batch``.
+"""Batch inference as Dask futures: ``ModelHandle.chat_batch`` / ``generate_batch`` / ``embed_batch``.
 
 A list of prompts becomes chunks of OpenAI bodies; each chunk is one Dask
 task of ``runner.run_chunk`` (the items of a chunk go to the model at once,
@@ -86,13 +86,28 @@ def completion_body(item: Any, params: dict[str, Any], system: str | None = None
     return {**params, "prompt": item}
 
 
-BODY_BUILDERS = {"chat": chat_body, "completion": completion_body}
+def embedding_body(item: Any, params: dict[str, Any], system: str | None = None) -> Any:
+    """The embeddings body of one text (a dict is a whole body; ``system`` does not apply)."""
+    if isinstance(item, dict):
+        return {**params, **item}
+    return {**params, "input": item}
+
+
+BODY_BUILDERS = {"chat": chat_body, "completion": completion_body, "embedding": embedding_body}
 
 
 def check_params(kind: str, uid: str, params: dict[str, Any]) -> None:
     """Raise ``InvalidRequestError`` now if the shared parameters are invalid for every item."""
     probe = BODY_BUILDERS[kind]("x", params)
     parse_item(kind, uid, probe)
+
+
+def answer_vector(outcome: dict[str, Any]) -> list[float] | str | None:
+    """The (first) vector of an embeddings outcome, None for an error."""
+    response = outcome.get("response")
+    if not response:
+        return None
+    return response["data"][0]["embedding"]
 
 
 def answer_text(outcome: dict[str, Any]) -> str | None:
@@ -150,9 +165,15 @@ class BatchFutures(list):  # list[Future]
         """Every item's outcome, in input order (waits for all chunks)."""
         return [outcome for chunk in self.client.gather(self.futures) for outcome in chunk]
 
-    def answers(self) -> list[str | None]:
-        """Every item's generated text, in input order; None where the item failed."""
-        return [answer_text(o) for o in self.results()]
+    def answers(self) -> list[Any]:
+        """Every item's answer, in input order; None where the item failed.
+
+        The generated text of a chat or completion batch; for an embedding
+        batch, each item's vector (its first one, for a body with several
+        inputs: read ``results()`` for all of them).
+        """
+        pick = answer_vector if self.kind == "embedding" else answer_text
+        return [pick(o) for o in self.results()]
 
     def as_completed(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """``(input index, outcome)`` for each item, a chunk at a time as chunks finish."""

@@ -20,7 +20,7 @@ on one worker balance together.
 
 Outcomes are plain dicts, one per item, in order::
 
-    {"response": <chat.completion | text_completion>, "error": None, "attempts": 1}
+    {"response": <chat.completion | text_completion | embeddings list>, "error": None, "attempts": 1}
     {"response": None, "error": {"status", "type", "message", "param", "code"}, "attempts": 3}
 
 An item is retried (on whatever replica is ready, after a backoff) only when
@@ -56,20 +56,25 @@ from xdask.errors import (
 from xdask.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
     internal_request,
     resolve_max_tokens,
     validation_error,
 )
-from xdask.responses import chat_completion, text_completion, usage
+from xdask.responses import chat_completion, embedding_list, text_completion, usage
+
+#: A batch item's validated body.
+BatchRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
 
 #: Request kinds a batch item may be, and the schema that validates its body.
-SCHEMAS: dict[str, type[ChatCompletionRequest | CompletionRequest]] = {
+SCHEMAS: dict[str, type[BatchRequest]] = {
     "chat": ChatCompletionRequest,
     "completion": CompletionRequest,
+    "embedding": EmbeddingRequest,
 }
 
 #: OpenAI URL of each kind (the Batch API's ``url`` field).
-URLS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+URLS = {"chat": "/v1/chat/completions", "completion": "/v1/completions", "embedding": "/v1/embeddings"}
 
 #: Seconds a worker's router trusts a model's registry record (as the server does).
 _RECORD_TTL = 2.0
@@ -86,7 +91,7 @@ def error_outcome(exc: BaseException, attempts: int = 1) -> dict[str, Any]:
     return {"response": None, "error": err, "attempts": attempts}
 
 
-def parse_item(kind: str, uid: str, body: Any) -> ChatCompletionRequest | CompletionRequest:
+def parse_item(kind: str, uid: str, body: Any) -> BatchRequest:
     """Validate one item's OpenAI body (``model`` is set to ``uid``; streaming is off)."""
     schema = SCHEMAS.get(kind)
     if schema is None:
@@ -139,21 +144,12 @@ async def run_item(router: Router, uid: str, kind: str, body: Any, retries: int,
     while True:
         attempts += 1
         try:
-            record = await router._get_record(uid, attempts > 1)
-            internal = internal_request(req, resolve_max_tokens(req.requested_max_tokens,
-                                                                int(record["spec"]["context_length"])))
-            text: list[str] = []
-            finish: str | None = None
-            counts = (0, 0)
             async with asyncio.timeout(timeout):
-                async for msg in router.stream(uid, internal):
-                    text.append(msg["t"])
-                    finish = msg["f"] or finish
-                    if msg.get("u"):
-                        counts = (int(msg["u"][0]), int(msg["u"][1]))
-            build = chat_completion if kind == "chat" else text_completion
-            return {"response": build(uid, "".join(text), finish, usage(*counts)), "error": None,
-                    "attempts": attempts}
+                if isinstance(req, EmbeddingRequest):
+                    response = await _embed(router, uid, req)
+                else:
+                    response = await _generate(router, uid, req, fresh=attempts > 1)
+            return {"response": response, "error": None, "attempts": attempts}
         except TimeoutError:
             return error_outcome(RequestTimeoutError(f"The model took longer than {timeout} s"), attempts)
         except ModelNotReadyError as exc:  # lost replica or worker, or none ready yet: worth another try
@@ -162,6 +158,35 @@ async def run_item(router: Router, uid: str, kind: str, body: Any, retries: int,
             await asyncio.sleep(min(backoff * 2 ** (attempts - 1), 30.0))
         except Exception as exc:  # noqa: BLE001  (an item's failure is its outcome, not the batch's)
             return error_outcome(exc, attempts)
+
+
+async def _generate(router: Router, uid: str, req: ChatCompletionRequest | CompletionRequest,
+                    fresh: bool) -> dict[str, Any]:
+    """One chat or completion answer, as its OpenAI body."""
+    record = await router._get_record(uid, fresh)
+    internal = internal_request(req, resolve_max_tokens(req.requested_max_tokens,
+                                                        int(record["spec"]["context_length"])))
+    text: list[str] = []
+    finish: str | None = None
+    counts = (0, 0)
+    async for msg in router.stream(uid, internal):
+        text.append(msg["t"])
+        finish = msg["f"] or finish
+        if msg.get("u"):
+            counts = (int(msg["u"][0]), int(msg["u"][1]))
+    build = chat_completion if isinstance(req, ChatCompletionRequest) else text_completion
+    return build(uid, "".join(text), finish, usage(*counts))
+
+
+async def _embed(router: Router, uid: str, req: EmbeddingRequest) -> dict[str, Any]:
+    """One embeddings answer (the model's ``embed`` op), as OpenAI's ``list`` body.
+
+    A model of another type answers 400 ``wrong_model_type`` from its actor.
+    """
+    async for msg in router.stream(uid, {"kind": "invoke", "op": "embed", "payload": req.payload()}):
+        if "r" in msg:
+            return embedding_list(uid, msg["r"], req.encoding_format)
+    raise XdaskError(f"Model {uid} ended embed without a result")
 
 
 async def run_chunk(uid: str, kind: str, bodies: list[Any], retries: int | None = None,
