@@ -11,6 +11,10 @@ Examples
 ...     print(chunk["choices"][0]["delta"].get("content", ""), end="")
 >>> answers = model.chat_batch(["Hi", "2+2?"], max_tokens=16).answers()   # Dask futures, see chat_batch
 >>> client.terminate_model(uid)
+>>> embedder = client.get_model(client.launch_model("all-MiniLM-L6-v2", model_type="embedding"))
+>>> len(embedder.create_embedding(["hello", "world"])["data"][1]["embedding"])
+384
+>>> vectors = embedder.embed_batch(texts).answers()                        # one vector per text
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ def _sse_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
 
 
 class ModelHandle:
-    """A running model: ``chat``, ``generate`` and ``describe``."""
+    """A running model: ``chat``, ``generate``, ``create_embedding``, ``rerank``, ``describe`` and batches."""
 
     def __init__(self, client: Client, uid: str, description: dict[str, Any]):
         self._client = client
@@ -109,6 +113,26 @@ class ModelHandle:
         body["stream"] = stream
         return self._post("/v1/completions", body, stream)
 
+    def create_embedding(self, input: str | list[str], **params: Any) -> dict[str, Any]:
+        """``POST /v1/embeddings``: OpenAI's ``list`` body (``encoding_format``, ``dimensions``, ``user`` in params)."""
+        return self._post("/v1/embeddings", {**params, "model": self.uid, "input": input}, False)
+
+    def rerank(
+        self,
+        documents: list[str | dict[str, Any]],
+        query: str,
+        top_n: int | None = None,
+        max_chunks_per_doc: int | None = None,
+        return_documents: bool | None = None,
+        return_len: bool | None = None,
+        **params: Any,
+    ) -> dict[str, Any]:
+        """``POST /v1/rerank`` with Xinference's argument order: results sorted by relevance, best first."""
+        body = {"top_n": top_n, "max_chunks_per_doc": max_chunks_per_doc, "return_documents": return_documents,
+                "return_len": return_len, **params}
+        body = {k: v for k, v in body.items() if v is not None}
+        return self._post("/v1/rerank", {**body, "model": self.uid, "query": query, "documents": documents}, False)
+
     def describe(self) -> dict[str, Any]:
         return self._client.describe_model(self.uid)
 
@@ -152,6 +176,23 @@ class ModelHandle:
     ) -> BatchFutures:
         """Many completions (``/v1/completions`` bodies) as Dask futures; as ``chat_batch``."""
         return self._batch("completion", prompts, chunk_size, retries, params)
+
+    def embed_batch(
+        self,
+        texts: Sequence[str | dict[str, Any]],
+        *,
+        chunk_size: int | None = None,
+        retries: int | None = None,
+        **params: Any,
+    ) -> BatchFutures:
+        """Many texts embedded as Dask futures, one request per text; as ``chat_batch``.
+
+        A chunk's requests reach the model together, where the engine's
+        dynamic batching runs them as few model calls. ``answers()`` gives
+        one vector per text; ``params`` (``dimensions``, ``encoding_format``)
+        apply to every item; a dict item is a whole ``/v1/embeddings`` body.
+        """
+        return self._batch("embedding", texts, chunk_size, retries, params)
 
 
 class Client:
