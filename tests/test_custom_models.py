@@ -166,8 +166,10 @@ def test_every_type_is_listed(http):
         items = http.get(f"/v1/model_registrations/{model_type}", params={"detailed": "true"}).json()
         assert name in {i["model_name"] for i in items}
         assert all(i["model_type"] == model_type for i in items)
-    resp = http.post("/v1/models", json={"model_name": "bge-m3", "model_type": "embedding"})
-    assert resp.status_code == 400 and "not supported yet" in resp.json()["error"]["message"]
+    # Launches of every type resolve; an engine that does not serve the type says which ones do.
+    resp = http.post("/v1/models", json={"model_name": "bge-m3", "model_type": "embedding", "model_engine": "llama.cpp"})
+    assert resp.status_code == 400 and "does not serve embedding models" in resp.json()["error"]["message"]
+    assert "sentence_transformers" in resp.json()["error"]["message"]
 
 
 def test_register_with_the_cli(server, http, tmp_path):

@@ -280,3 +280,63 @@ def test_cli_launch_by_type_and_name_then_terminate_frees_it(server, http, refer
     gone = http.post("/v1/embeddings", json={"model": "minilm-cli", "input": "hello"})
     assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found_error"
     assert json.loads(http.get(f"/v1/models/{MODEL}").content)["state"] == "ready"  # the other one is untouched
+
+
+# -- clients and batches ------------------------------------------------------------------------
+
+
+def test_python_client_create_embedding_and_embed_batch(server, model, reference):
+    from xdask import Client
+
+    texts = [f"batch text {i} about {['rain', 'bread', 'money'][i % 3]}" for i in range(50)]
+    with Client(server.endpoint) as client:
+        handle = client.get_model(model)
+        body = handle.create_embedding(SENTENCES[:2])
+        np.testing.assert_allclose([d["embedding"] for d in body["data"]], reference.encode(SENTENCES[:2]),
+                                   atol=1e-5)
+        batch = handle.embed_batch([*texts, ""], chunk_size=16)  # the empty text is one item's error
+        assert len(batch) == 4 and batch.kind == "embedding"
+        vectors = batch.answers()
+        assert vectors[-1] is None
+        outcomes = batch.results()
+        assert outcomes[-1]["error"]["status"] == 400 and "empty string" in outcomes[-1]["error"]["message"]
+        np.testing.assert_allclose(np.array(vectors[:-1]), reference.encode(texts), atol=1e-5)
+        assert outcomes[0]["response"]["usage"]["prompt_tokens"] == token_counts(reference, texts[:1])[0]
+        raw = handle.embed_batch(texts[:3], encoding_format="base64").answers()
+        decoded = [np.frombuffer(base64.b64decode(v), dtype="<f4") for v in raw]
+        np.testing.assert_allclose(decoded, reference.encode(texts[:3]), atol=1e-5)
+        from xdask.errors import InvalidRequestError
+
+        with pytest.raises(InvalidRequestError, match="encoding_format"):  # a bad shared parameter: nothing runs
+            handle.embed_batch(texts, encoding_format="hex")
+
+
+def test_xinference_client_creates_embeddings(server, model, reference):
+    from xinference_client import RESTfulClient
+
+    handle = RESTfulClient(server.endpoint).get_model(model)
+    assert type(handle).__name__ == "RESTfulEmbeddingModelHandle"
+    body = handle.create_embedding(["hello", "world"])
+    np.testing.assert_allclose([d["embedding"] for d in body["data"]], reference.encode(["hello", "world"]),
+                               atol=1e-5)
+
+
+def test_openai_batch_api_runs_embeddings(oai, model, reference):
+    import time
+
+    texts = [f"line {i} of the batch" for i in range(20)]
+    lines = [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": model, "input": text}} for i, text in enumerate(texts)]
+    data = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+    file_id = oai.files.create(file=("embed.jsonl", data), purpose="batch").id
+    batch = oai.batches.create(input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h")
+    deadline = time.monotonic() + 120
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+        batch = oai.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 20, batch
+    out = {row["custom_id"]: row["response"]["body"] for row in
+           (json.loads(line) for line in oai.files.content(batch.output_file_id).text.splitlines())}
+    got = np.array([out[f"e{i}"]["data"][0]["embedding"] for i in range(20)])
+    np.testing.assert_allclose(got, reference.encode(texts), atol=1e-5)

@@ -196,6 +196,17 @@ def test_xinference_client_reranks(server, reranker, reference):
     assert [r["index"] for r in body["results"]] == list(np.argsort(-expected, kind="stable"))[:2]
 
 
+def test_python_client_reranks_with_xinference_argument_order(server, reranker, reference):
+    from xdask import Client
+
+    with Client(server.endpoint) as client:
+        handle = client.get_model(reranker)
+        body = handle.rerank(DOCS[:4], QUERY, top_n=3, return_documents=True)
+    best = list(np.argsort(-expected_scores(reference, QUERY, DOCS[:4]), kind="stable"))[:3]
+    assert [r["index"] for r in body["results"]] == best
+    assert [r["document"]["text"] for r in body["results"]] == [DOCS[i] for i in best]
+
+
 def test_an_llm_based_reranker_is_refused_at_launch(http, folder):
     name = "tiny-llm-reranker"
     assert http.post("/v1/model_registrations/rerank",
