@@ -11,10 +11,15 @@ from xdask import config
 from xdask.batch.api import BatchManager
 from xdask.batch.store import BatchStore
 from xdask.cluster.supervisor import Supervisor
+from xdask_server import audio as audio_handlers
 from xdask_server import batches as batch_handlers
 from xdask_server import embeddings as retrieval_handlers
 from xdask_server import handlers as h
+from xdask_server import images as image_handlers
+from xdask_server.audio_serving import AudioServing
 from xdask_server.dashboard import Dashboard
+from xdask_server.image_serving import ImageServing
+from xdask_server.image_store import ImageStore
 from xdask_server.retrieval import RetrievalServing
 from xdask_server.serving import OpenAIServing
 from xdask_server.stats import RequestStats, Sampler
@@ -40,6 +45,8 @@ def make_app(supervisor: Supervisor) -> web.Application:
     batches = BatchManager(supervisor, BatchStore(config.home() / "batches"))
     _start_on_running_loop(sampler)
     _start_on_running_loop(batches)
+    images = ImageServing(supervisor, ImageStore.from_config(), stats)
+    _start_on_running_loop(images.store)  # deletes generated images past their retention
     routes = [
         (r"/v1/chat/completions", h.ChatCompletionsHandler),
         (r"/v1/completions", h.CompletionsHandler),
@@ -61,6 +68,8 @@ def make_app(supervisor: Supervisor) -> web.Application:
         (r"/dashboard/data/([a-z]+)", h.DashboardDataHandler),
         (r"/dashboard/links/api", h.DashboardApiLinkHandler),
         *retrieval_handlers.routes(),
+        *image_handlers.routes(),
+        *audio_handlers.routes(),
         *batch_handlers.routes(),
     ]
     return web.Application(
@@ -68,6 +77,8 @@ def make_app(supervisor: Supervisor) -> web.Application:
         supervisor=supervisor,
         serving=OpenAIServing(supervisor, stats),
         retrieval=RetrievalServing(supervisor, stats),
+        images=images,
+        audio=AudioServing(supervisor, stats),
         sampler=sampler,
         batches=batches,
         dashboard=Dashboard(supervisor, stats, sampler),
@@ -76,7 +87,7 @@ def make_app(supervisor: Supervisor) -> web.Application:
     )
 
 
-def _start_on_running_loop(service: Sampler | BatchManager) -> None:
+def _start_on_running_loop(service: Sampler | BatchManager | ImageStore) -> None:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -99,6 +110,9 @@ class _Server(httpserver.HTTPServer):
         batches = settings.get("batches")
         if batches is not None:
             batches.stop()
+        images = settings.get("images")
+        if images is not None:
+            images.store.stop()
 
 
 def start_http_server(app: web.Application, host: str, port: int) -> httpserver.HTTPServer:

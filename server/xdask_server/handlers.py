@@ -105,8 +105,12 @@ class BaseHandler(web.RequestHandler):
 class BodyHandler(BaseHandler):
     """A handler whose POST body is read in chunks and capped."""
 
+    def body_limit(self) -> int:
+        """The largest body this handler reads (uploads of audio and images allow more)."""
+        return int(config.get("server.max-body-size"))
+
     def prepare(self) -> None:
-        self._limit = int(config.get("server.max-body-size"))
+        self._limit = self.body_limit()
         self._chunks: list[bytes] = []
         self._size = 0
         length = self.request.headers.get("Content-Length")
@@ -120,11 +124,36 @@ class BodyHandler(BaseHandler):
         else:  # keep reading (so the client gets our answer) but keep nothing
             self._chunks.clear()
 
-    def parse(self, schema: type[pydantic.BaseModel]) -> Any:
+    def body(self) -> bytes:
+        """The whole request body; 413 when it went over the limit."""
         if self._size > self._limit:
             raise PayloadTooLargeError(f"Request body of {self._size} bytes is over the limit of {self._limit}")
-        self.request.body = b"".join(self._chunks)
+        return b"".join(self._chunks)
+
+    def parse(self, schema: type[pydantic.BaseModel]) -> Any:
+        self.request.body = self.body()
         return super().parse(schema)
+
+
+class TaskBodyHandler(BodyHandler):
+    """A POST answered by one awaited coroutine; the client hanging up cancels the wait.
+
+    The model finishes what it started and the answer is dropped: non-generative
+    ops (images, audio) cannot be stopped halfway.
+    """
+
+    def on_connection_close(self) -> None:
+        task = getattr(self, "_task", None)
+        if task is not None and not task.done():
+            task.cancel()
+
+    async def run(self, coro: Any) -> tuple[bool, Any]:
+        """``(True, result)`` of ``coro``, or ``(False, None)`` when the client hung up first."""
+        self._task = asyncio.ensure_future(coro)
+        try:
+            return True, await self._task
+        except asyncio.CancelledError:
+            return False, None
 
 
 class GenerationHandler(BodyHandler):
