@@ -204,6 +204,27 @@ def test_speech_through_xinference_body(client: httpx.Client, vits: str):
     assert resp.status_code == 200 and resp.content[:4] == b"RIFF"
 
 
+def test_python_clients(media: MediaServer, whisper: str, vits: str):
+    """``xdask.Client``'s handles, and Xinference's own client, with Xinference's method names."""
+    from xinference_client import RESTfulClient
+
+    from xdask.client import Client
+
+    with Client(media.server.endpoint) as xd:
+        asr = xd.get_model(whisper)
+        assert set(asr.transcriptions(tone_wav(1.0))) == {"text"}
+        assert isinstance(asr.transcriptions(tone_wav(1.0), response_format="text"), str)
+        verbose = asr.transcriptions(tone_wav(1.0), language="de", response_format="verbose_json",
+                                     timestamp_granularities=["word", "segment"])
+        assert verbose["language"] == "german" and "words" in verbose and "segments" in verbose
+        assert asr.translations(tone_wav(1.0), response_format="srt").startswith("1\n")
+        wav = xd.get_model(vits).speech("hello there")
+        assert read_wav(wav)[2] == 16000
+    xinf = RESTfulClient(media.server.endpoint)
+    assert set(xinf.get_model(whisper).transcriptions(tone_wav(1.0))) == {"text"}
+    assert xinf.get_model(vits).speech("hello", response_format="wav")[:4] == b"RIFF"
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

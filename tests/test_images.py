@@ -180,6 +180,27 @@ def test_retention_deletes_generated_files(oai, client: httpx.Client, model: str
     assert client.get("/v1/images/files/..%2F..%2Fetc%2Fpasswd").status_code == 404
 
 
+def test_python_clients(media: MediaServer, model: str):
+    """``xdask.Client`` and Xinference's own client (``/v1/images/variations``, size ``W*H``, kwargs)."""
+    from xinference_client import RESTfulClient
+
+    from xdask.client import Client
+
+    with Client(media.server.endpoint) as xd:
+        handle = xd.get_model(model)
+        out = handle.text_to_image("a fox", n=2, size="64x64", response_format="b64_json", seed=4)
+        png = base64.b64decode(out["data"][0]["b64_json"])
+        assert png_size(png) == (64, 64) and len(out["data"]) == 2
+        edited = handle.image_to_image(png, "a fox at night", size="64x96", response_format="b64_json", strength=0.5)
+        assert png_size(base64.b64decode(edited["data"][0]["b64_json"])) == (64, 96)
+    xinf = RESTfulClient(media.server.endpoint).get_model(model)
+    assert type(xinf).__name__ == "RESTfulImageModelHandle"
+    made = xinf.text_to_image("a fox", size="64*64", response_format="b64_json", seed=4, num_inference_steps=2)
+    assert png_size(base64.b64decode(made["data"][0]["b64_json"])) == (64, 64)
+    redrawn = xinf.image_to_image(png, "a fox in snow", response_format="url", num_inference_steps=2)
+    assert redrawn["data"][0]["url"].endswith(".png")
+
+
 # -- bad input -----------------------------------------------------------------------------
 
 

@@ -60,7 +60,8 @@ def _sse_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
 
 
 class ModelHandle:
-    """A running model: ``chat``, ``generate``, ``create_embedding``, ``rerank``, ``describe`` and batches."""
+    """A running model: ``chat``, ``generate``, ``create_embedding``, ``rerank``, ``text_to_image``,
+    ``image_to_image``, ``transcriptions``, ``translations``, ``speech``, ``describe`` and batches."""
 
     def __init__(self, client: Client, uid: str, description: dict[str, Any]):
         self._client = client
@@ -132,6 +133,99 @@ class ModelHandle:
                 "return_len": return_len, **params}
         body = {k: v for k, v in body.items() if v is not None}
         return self._post("/v1/rerank", {**body, "model": self.uid, "query": query, "documents": documents}, False)
+
+    def _form(self, path: str, fields: dict[str, Any], files: dict[str, tuple[str, bytes]]) -> httpx.Response:
+        """POST a multipart form (None fields left out, numbers as text, lists as repeated ``name[]``)."""
+        data: dict[str, Any] = {}
+        for name, value in fields.items():
+            if value is None:
+                continue
+            if isinstance(value, list | tuple):
+                data[f"{name}[]"] = [str(v) for v in value]
+            else:
+                data[name] = json.dumps(value) if isinstance(value, dict) else str(value)
+        resp = self._client._http.post(path, data=data, files=files)
+        _raise_for_error(resp)
+        return resp
+
+    def text_to_image(
+        self, prompt: str, n: int = 1, size: str | None = None, response_format: str = "url", **kwargs: Any
+    ) -> dict[str, Any]:
+        """``POST /v1/images/generations``: ``{"created", "data": [{"url" | "b64_json", ...}]}``.
+
+        ``size`` is "WIDTHxHEIGHT" (Xinference's "W*H" works too; None: the
+        model's own); ``kwargs``: ``seed``, ``num_inference_steps``,
+        ``guidance_scale``, ``negative_prompt``.
+        """
+        body = {**kwargs, "model": self.uid, "prompt": prompt, "n": n, "response_format": response_format}
+        if size is not None:
+            body["size"] = size
+        return self._post("/v1/images/generations", body, False)
+
+    def image_to_image(
+        self,
+        image: bytes,
+        prompt: str,
+        negative_prompt: str | None = None,
+        n: int = 1,
+        size: str | None = None,
+        response_format: str = "url",
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """``POST /v1/images/edits``: ``image`` (PNG/JPEG/WebP bytes) redrawn after ``prompt``.
+
+        ``size`` None keeps the image's own size (rounded down to multiples of
+        8); ``kwargs``: ``strength``, ``seed``, ``num_inference_steps``, ``guidance_scale``.
+        """
+        fields = {**kwargs, "model": self.uid, "prompt": prompt, "negative_prompt": negative_prompt, "n": n,
+                  "size": size, "response_format": response_format}
+        return self._form("/v1/images/edits", fields, {"image": ("image.png", image)}).json()
+
+    def transcriptions(
+        self,
+        audio: bytes,
+        language: str | None = None,
+        prompt: str | None = None,
+        response_format: str = "json",
+        temperature: float = 0.0,
+        timestamp_granularities: list[str] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any] | str:
+        """``POST /v1/audio/transcriptions`` of WAV bytes: a dict for json/verbose_json, text for text/srt/vtt."""
+        return self._audio("/v1/audio/transcriptions", audio, language, prompt, response_format, temperature,
+                           timestamp_granularities, kwargs)
+
+    def translations(
+        self,
+        audio: bytes,
+        language: str | None = None,
+        prompt: str | None = None,
+        response_format: str = "json",
+        temperature: float = 0.0,
+        timestamp_granularities: list[str] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any] | str:
+        """``POST /v1/audio/translations``: speech in WAV bytes to English text; as ``transcriptions``."""
+        return self._audio("/v1/audio/translations", audio, language, prompt, response_format, temperature,
+                           timestamp_granularities, kwargs)
+
+    def _audio(self, path: str, audio: bytes, language: str | None, prompt: str | None, response_format: str,
+               temperature: float, granularities: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any] | str:
+        fields = {**kwargs, "model": self.uid, "language": language, "prompt": prompt,
+                  "response_format": response_format, "temperature": temperature,
+                  "timestamp_granularities": granularities}
+        resp = self._form(path, fields, {"file": ("audio.wav", audio)})
+        return resp.json() if response_format in ("json", "verbose_json") else resp.text
+
+    def speech(
+        self, input: str, voice: str = "", response_format: str = "wav", speed: float = 1.0, **kwargs: Any
+    ) -> bytes:
+        """``POST /v1/audio/speech``: the audio bytes (``wav``, or ``pcm``: 16-bit 24 kHz mono samples)."""
+        body = {**kwargs, "model": self.uid, "input": input, "voice": voice, "response_format": response_format,
+                "speed": speed}
+        resp = self._client._http.post("/v1/audio/speech", json=body)
+        _raise_for_error(resp)
+        return resp.content
 
     def describe(self) -> dict[str, Any]:
         return self._client.describe_model(self.uid)
