@@ -10,7 +10,10 @@ The family's abilities decide what loads and which ops it serves:
   serves ``speech``.
 
 Models that transformers' pipelines do not load (ChatTTS, CosyVoice,
-Kokoro, SenseVoice) fail their launch with the pipeline's reason.
+Kokoro, SenseVoice) fail their launch with the pipeline's reason. Speech
+synthesis needs transformers 5.19 or later: 5.17's text-to-speech pipeline
+calls ``BatchEncoding.to(dtype=...)`` on a tokenizer's output and fails on
+every request, in float32 as in float16 (seen on an H100).
 
 Payloads (``invoke(op, payload)``; see ``xdask_server.audio_serving``)::
 
