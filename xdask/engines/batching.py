@@ -11,8 +11,9 @@ model once over all their items (at most ``max_items``, though a single
 larger call runs alone) and hands each caller its slice of the results.
 
 A call that queued while the model was busy has already waited longer than
-``wait``, so under load batches form with no added delay; an idle model adds
-at most ``wait`` to a lone request.
+``wait``, so under load batches form with no added delay. The wait applies
+only while calls come concurrently (the previous model call served more
+than one): a client that sends one request at a time gets no added delay.
 
 Examples
 --------
@@ -64,6 +65,7 @@ class DynamicBatcher(Generic[T, R]):
         self._queued_items = 0
         self._cond = threading.Condition()
         self._closed = False
+        self._last_calls = 0  # calls the previous model call served: >1 means requests come concurrently
         #: Model calls made and items they carried (``describe`` shows the mean batch).
         self.batches = 0
         self.items = 0
@@ -109,7 +111,7 @@ class DynamicBatcher(Generic[T, R]):
                 self._cond.wait()
             if self._closed:
                 return None
-            deadline = self._queue[0].arrived + self.wait
+            deadline = self._queue[0].arrived + (self.wait if self._last_calls > 1 or len(self._queue) > 1 else 0.0)
             while self._queued_items < self.max_items and not self._closed:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
@@ -124,6 +126,7 @@ class DynamicBatcher(Generic[T, R]):
                 size += len(call.items)
                 batch.append(call)
             self._queued_items -= size
+            self._last_calls = len(batch)
             return batch
 
     def _loop(self) -> None:
