@@ -8,8 +8,9 @@ Prints, for short English sentences, embeddings per second:
     (AsyncOpenAI), against 256 one-at-a-time ``encode`` calls in-process,
     the way an application that embeds texts as they arrive calls it. xdask's
     dynamic batching runs the concurrent requests as a few model calls.
-In-process and xdask measurements alternate round by round, so both see the
-same machine noise; each figure is the median of the rounds. The in-process
+In-process and xdask calls alternate call by call (the concurrent case: run
+by run), so both see the same machine noise; each figure is the median of
+the rounds, and each round's ratio is printed to show the noise. The in-process
 model and the xdask worker's copy are the same files (the xdask cache folder
 the launch unpacked from the PyPI package) on the same CPU threads.
 
@@ -65,6 +66,23 @@ def sequential(embed: Callable[[list[str]], object], batch: int, requests: int) 
     return run
 
 
+def interleaved(a: Callable[[list[str]], object], b: Callable[[list[str]], object], batch: int,
+                requests: int) -> tuple[float, float]:
+    """Embeddings/s of ``a`` and ``b`` over the same inputs, alternating call by call.
+
+    Why: the machine is shared; alternating each call (and which side goes
+    first) gives both sides the same noise, which whole-run alternation does not.
+    """
+    spent = [0.0, 0.0]
+    for i in range(requests):
+        chunk = texts(batch, offset=i * batch)
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            (a, b)[side](chunk)
+            spent[side] += time.perf_counter() - start
+    return batch * requests / spent[0], batch * requests / spent[1]
+
+
 def concurrent_xdask(url: str, uid: str, n: int, concurrency: int) -> Callable[[], int]:
     """``n`` single-text requests, ``concurrency`` in flight, from one asyncio loop (a cheap client)."""
     inputs = texts(n, offset=10_000)
@@ -111,27 +129,30 @@ def main() -> None:
         def xdask(batch: list[str]) -> object:
             return oai.embeddings.create(model=uid, input=batch)
 
-        cases: dict[str, tuple[Callable[[], int], Callable[[], int]]] = {
-            "batch 1 (x200)": (sequential(inproc, 1, 200), sequential(xdask, 1, 200)),
-            "batch 32 (x16)": (sequential(inproc, 32, 16), sequential(xdask, 32, 16)),
-            "batch 256 (x4)": (sequential(inproc, 256, 4), sequential(xdask, 256, 4)),
-            "concurrent 256 x 1, c=32": (sequential(inproc, 1, 256), concurrent_xdask(server.url, uid, 256, 32)),
-        }
+        sizes = {"batch 1 (x200)": (1, 200), "batch 32 (x16)": (32, 16), "batch 256 (x4)": (256, 4)}
+        concurrent = "concurrent 256 x 1, c=32"
+        one_at_a_time = sequential(inproc, 1, 256)
+        many = concurrent_xdask(server.url, uid, 256, 32)
         for warm in (inproc, xdask):  # first calls allocate buffers and threads
             for size in (1, 32, 256):
                 warm(texts(size, offset=50_000))
-        rates: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in cases}
+        rates: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in [*sizes, concurrent]}
         for _ in range(args.rounds):
-            for name, (a, b) in cases.items():
-                rates[name][0].append(rate(a))
-                rates[name][1].append(rate(b))
-        print(f"\n{'case':<28}{'in-process emb/s':>18}{'xdask emb/s':>14}{'xdask / in-process':>20}")
+            for name, (batch, requests) in sizes.items():
+                a, b = interleaved(inproc, xdask, batch, requests)
+                rates[name][0].append(a)
+                rates[name][1].append(b)
+            rates[concurrent][0].append(rate(one_at_a_time))
+            rates[concurrent][1].append(rate(many))
+        print(f"\n{'case':<28}{'in-process emb/s':>18}{'xdask emb/s':>14}{'xdask / in-process':>20}"
+              f"{'ratio per round':>28}")
         for name, (a, b) in rates.items():
             ma, mb = statistics.median(a), statistics.median(b)
-            print(f"{name:<28}{ma:>18.0f}{mb:>14.0f}{mb / ma:>20.2f}")
+            spread = " ".join(f"{y / x:.2f}" for x, y in zip(a, b, strict=True))
+            print(f"{name:<28}{ma:>18.0f}{mb:>14.0f}{mb / ma:>20.2f}{spread:>28}")
         engine = lambda: http.get(f"/v1/models/{uid}").json()["engine"]
         before = engine()
-        cases["concurrent 256 x 1, c=32"][1]()
+        many()
         after = engine()
         calls = after["batches"] - before["batches"]
         print(f"\nconcurrent case: 256 requests ran as {calls} model calls "
