@@ -73,7 +73,7 @@ class SentenceTransformerEmbedding(SentenceTransformersEngine):
     def _build(self) -> Any:
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(self.model_path, device=str(self.settings["device"]), local_files_only=True,
+        model = SentenceTransformer(self.model_path, device=self.settings["device"], local_files_only=True,
                                     trust_remote_code=self.options.trust_remote_code)
         size = (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
         if size and size != self.dimensions:

@@ -63,7 +63,7 @@ class CrossEncoderRerank(SentenceTransformersEngine):
     def _build(self) -> Any:
         from sentence_transformers import CrossEncoder
 
-        model = CrossEncoder(self.model_path, device=str(self.settings["device"]), local_files_only=True,
+        model = CrossEncoder(self.model_path, device=self.settings["device"], local_files_only=True,
                              trust_remote_code=self.options.trust_remote_code)
         if model.num_labels != 1:
             raise ModelLoadError(f"{self.family.model_name} has {model.num_labels} output labels; a reranker "

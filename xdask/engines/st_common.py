@@ -16,7 +16,6 @@ Examples
 from __future__ import annotations
 
 import copy
-import gc
 import logging
 import threading
 from typing import Any, Literal
@@ -27,7 +26,8 @@ from xdask import config
 from xdask.engines.batching import DynamicBatcher
 from xdask.engines.devices import normalize_gpu_idx
 from xdask.engines.options import EngineOptions
-from xdask.engines.transformers.options import check_device, choose_device
+from xdask.engines.torch_task import dtype_name, pick_device, release, torch_dtype
+from xdask.engines.transformers.options import check_device
 from xdask.errors import ModelLoadError, ModelNotReadyError
 from xdask.registry.specs import ResolvedModel
 
@@ -67,33 +67,26 @@ class SentenceTransformersOptions(EngineOptions):
 
 
 def load_settings(opts: SentenceTransformersOptions, gpu_idx: list[int] | None) -> dict[str, Any]:
-    """The torch device, dtype and batching numbers a replica runs with (imports torch)."""
+    """The device (``cpu``, ``cuda:<i>``), torch dtype and batching numbers a replica runs with (imports torch).
+
+    Device and dtype follow the other torch task engines (``xdask.engines.torch_task``).
+    """
     import torch
 
     if opts.n_threads:
         torch.set_num_threads(opts.n_threads)
-    device = torch.device(choose_device(opts.device, gpu_idx, torch.cuda.is_available(), ENGINE))
-    cuda = device.type == "cuda"
-    dtype_name = opts.dtype if opts.dtype != "auto" else ("float16" if cuda else "float32")
+    device = pick_device(opts.device, gpu_idx, ENGINE)
+    cuda = device.startswith("cuda")
     encode_batch = opts.setting("encode-batch-size", opts.encode_batch_size) or (128 if cuda else 32)
     return {
         "device": device,
-        "dtype": getattr(torch, dtype_name),
+        "dtype": torch_dtype(dtype_name(opts.dtype, device)),
         "encode_batch_size": encode_batch,
         "max_batch": opts.setting("max-batch", opts.max_batch_size),
         "batch_wait": float(opts.batch_wait if opts.batch_wait is not None
                             else config.get("sentence-transformers.batch-wait")),
         "max_concurrency": opts.setting("max-concurrency", opts.max_concurrency),
     }
-
-
-def free_device_memory(device: Any) -> None:
-    """Give a closed model's CUDA memory back to the driver (nothing on the CPU)."""
-    if device is not None and getattr(device, "type", None) == "cuda":
-        import torch
-
-        with torch.cuda.device(device):
-            torch.cuda.empty_cache()
 
 
 class SentenceTransformersEngine:
@@ -170,10 +163,9 @@ class SentenceTransformersEngine:
 
     def describe(self) -> dict[str, Any]:
         """Engine facts for ``GET /v1/models/{uid}`` (device, dtype, batching counters)."""
-        device = self.settings.get("device")
         return {
             "backend": ENGINE,
-            "device": str(device) if device is not None else None,
+            "device": self.settings.get("device"),
             "dtype": str(self.settings.get("dtype", "")).replace("torch.", "") or None,
             "gpu_idx": self.gpu_idx,
             "encode_batch_size": self.settings.get("encode_batch_size"),
@@ -187,8 +179,7 @@ class SentenceTransformersEngine:
             self.batcher = None
         self.model = None
         self._counter = None
-        gc.collect()
-        free_device_memory(self.settings.get("device"))
+        release(self.settings.get("device", "cpu"))
 
     def _require_loaded(self) -> DynamicBatcher[Any, Any]:
         if self.batcher is None:
