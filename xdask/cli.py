@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import click
+import dask.config
 import httpx
 
 from xdask import config
@@ -37,6 +38,31 @@ DEFAULT_MODEL: dict[str, str] = {
 endpoint_option = click.option(
     "--endpoint", "-e", default=None, help="Server URL (default: XDASK_ENDPOINT or http://127.0.0.1:9997)."
 )
+
+
+def _log_level(ctx: click.Context, param: click.Parameter, value: str | None) -> str | int | None:
+    """``--log-level``: checked, and put in ``xdask.logs.level`` so processes started from here inherit it.
+
+    Why dask.config and not just this process's loggers: the embedded
+    cluster's worker processes get their config from their nanny, so the
+    level given to ``xdask-local`` reaches the workers' logs too.
+    """
+    if value is None:
+        return None
+    from xdask.logs import log_level
+
+    try:
+        level = log_level(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    dask.config.set({"xdask.logs.level": level})
+    return level
+
+
+def log_level_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``--log-level`` option every command has (default ``xdask.logs.level``, i.e. ``XDASK_LOG_LEVEL``)."""
+    return click.option("--log-level", default=None, callback=_log_level, metavar="LEVEL", is_eager=True,
+                        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: XDASK_LOG_LEVEL, else INFO).")(func)
 
 
 #: What a command reports as one line instead of a traceback.
@@ -63,14 +89,15 @@ def _ask(endpoint: str | None, call: Callable[[Client], Any]) -> Any:
 # -- xdask-local ----------------------------------------------------------------
 
 
-async def _run_local(host: str, port: int, n_workers: int | None, log_level: str, ready_message: bool) -> None:
+async def _run_local(host: str, port: int, n_workers: int | None, log_level: str | int | None,
+                     ready_message: bool) -> None:
     from xdask_server import make_app, start_http_server
 
     from xdask.cluster.local import start_local_cluster
     from xdask.cluster.supervisor import Supervisor
     from xdask.logs import setup_logging
 
-    log_path = setup_logging("local", level=log_level.upper())
+    log_path = setup_logging("local", level=log_level)
     cluster = await start_local_cluster(n_workers=n_workers, host=host)
     supervisor = await Supervisor.connect(cluster)
     server = start_http_server(make_app(supervisor), host, port)
@@ -103,8 +130,8 @@ async def _run_local(host: str, port: int, n_workers: int | None, log_level: str
 @click.option("--host", "-H", default=None, help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", "-p", default=None, type=int, help="Port of the HTTP API (default 9997).")
 @click.option("--n-workers", default=None, type=int, help="Dask worker processes (default 1).")
-@click.option("--log-level", default="INFO", show_default=True)
-def local_main(host: str | None, port: int | None, n_workers: int | None, log_level: str) -> None:
+@log_level_option
+def local_main(host: str | None, port: int | None, n_workers: int | None, log_level: str | int | None) -> None:
     """Start an embedded Dask cluster and the xdask server in one process tree."""
     host = host or config.get("server.host")
     port = port if port is not None else int(config.get("server.port"))
@@ -116,16 +143,25 @@ def local_main(host: str | None, port: int | None, n_workers: int | None, log_le
 
 @click.group()
 @click.version_option(package_name="xdask")
-def main() -> None:
+@log_level_option
+def main(log_level: str | int | None) -> None:
     """xdask: serve open models on Dask through an OpenAI-compatible API."""
+    if log_level is not None:  # the client commands log to stderr only (no log file for a one-off command)
+        import logging
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger = logging.getLogger("xdask")
+        logger.addHandler(handler)
+        logger.setLevel(log_level)
 
 
 @click.command(name="xdask-server")
 @click.option("--scheduler", required=True, help="Address of a running Dask scheduler, e.g. tcp://10.0.0.1:8786.")
 @click.option("--host", "-H", default=None, help="Address to listen on (default 127.0.0.1; 0.0.0.0 for all).")
 @click.option("--port", "-p", default=None, type=int, help="Port of the HTTP API (default 9997).")
-@click.option("--log-level", default="INFO", show_default=True)
-def server_main(scheduler: str, host: str | None, port: int | None, log_level: str) -> None:
+@log_level_option
+def server_main(scheduler: str, host: str | None, port: int | None, log_level: str | int | None) -> None:
     """Serve the HTTP API for models on an existing Dask cluster (cluster mode).
 
     Start the cluster with ``dask scheduler`` and ``xdask-worker``; this
@@ -142,7 +178,7 @@ def server_main(scheduler: str, host: str | None, port: int | None, log_level: s
     port = port if port is not None else int(config.get("server.port"))
 
     async def run() -> None:
-        log_path = setup_logging("server", level=log_level.upper())
+        log_path = setup_logging("server", level=log_level)
         try:
             supervisor = await Supervisor.connect(scheduler)
         except (OSError, TimeoutError) as exc:
