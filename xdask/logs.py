@@ -67,7 +67,7 @@ def log_level(level: str | int | None = None) -> str | int:
     name = str(value).strip().upper()
     if name.isdigit():
         return int(name)
-    if not isinstance(logging.getLevelName(name), int):
+    if name not in logging.getLevelNamesMapping():
         raise ValueError(f"unknown log level {value!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL")
     return name
 
