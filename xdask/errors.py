@@ -80,6 +80,22 @@ class PayloadTooLargeError(XdaskError):
     type = "invalid_request_error"
 
 
+class RateLimitError(XdaskError):
+    """Too many requests: a model's ``request_limits`` or a replica's queue is full (429).
+
+    ``retry_after`` (seconds) goes out as the ``Retry-After`` header, which the
+    ``openai`` package honours when it retries.
+    """
+
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "rate_limit_exceeded",
+                 retry_after: float | None = None):
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after
+
+
 class ModelNotReadyError(XdaskError):
     """The model exists but cannot serve now: loading, lost or overloaded (503)."""
 
@@ -209,6 +225,7 @@ def from_dict(body: dict[str, Any], status: int) -> XdaskError:
         405: MethodNotAllowedError,
         409: ConflictError,
         413: PayloadTooLargeError,
+        429: RateLimitError,
         503: ModelNotReadyError,
         504: RequestTimeoutError,
     }
