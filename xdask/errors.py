@@ -52,6 +52,13 @@ class AuthenticationError(XdaskError):
     type = "authentication_error"
 
 
+class PermissionDeniedError(XdaskError):
+    """The credentials are valid but lack the scope this request needs (403)."""
+
+    status = 403
+    type = "permission_error"
+
+
 class NotFoundError(XdaskError):
     """An unknown model uid, family or route (404)."""
 
@@ -221,6 +228,7 @@ def from_dict(body: dict[str, Any], status: int) -> XdaskError:
     classes = {
         400: InvalidRequestError,
         401: AuthenticationError,
+        403: PermissionDeniedError,
         404: NotFoundError,
         405: MethodNotAllowedError,
         409: ConflictError,
