@@ -8,10 +8,13 @@ import logging
 from tornado import httpserver, web
 
 from xdask import config
+from xdask.auth.authenticator import Authenticator
+from xdask.auth.redact import install_log_redaction
 from xdask.batch.api import BatchManager
 from xdask.batch.store import BatchStore
 from xdask.cluster.supervisor import Supervisor
 from xdask_server import audio as audio_handlers
+from xdask_server import auth as auth_handlers
 from xdask_server import batches as batch_handlers
 from xdask_server import embeddings as retrieval_handlers
 from xdask_server import handlers as h
@@ -29,8 +32,11 @@ logger = logging.getLogger(__name__)
 _UID = r"([^/]+)"
 
 
-def make_app(supervisor: Supervisor) -> web.Application:
+def make_app(supervisor: Supervisor, auth: Authenticator | None = None) -> web.Application:
     """The application: routes, and the supervisor the handlers use.
+
+    ``auth`` guards every route (``xdask_server.auth``); None: the auth config
+    that ``xdask.auth-config`` (``XDASK_AUTH_CONFIG``) names, if any, else none.
 
     Called on the running loop (as the CLI does), it also starts sampling the
     request statistics for the dashboard and the batch manager (which resumes
@@ -38,6 +44,8 @@ def make_app(supervisor: Supervisor) -> web.Application:
     ``app.settings["sampler"].start()`` once the loop runs (the batch manager
     starts with its first request).
     """
+    auth = auth if auth is not None else auth_handlers.authenticator_from_config()
+    install_log_redaction()  # credentials a client put in a URL never reach a log file
     stats = RequestStats()
     interval = float(config.get("dashboard.sample-interval"))
     sampler = Sampler(stats, interval, int(config.get("dashboard.history")), live=supervisor.known_models,
@@ -59,7 +67,6 @@ def make_app(supervisor: Supervisor) -> web.Application:
         (r"/v1/cal_model_mem", h.MemoryEstimateHandler),
         (r"/v1/model_registrations/([^/]+)", h.RegistrationsHandler),
         (r"/v1/model_registrations/([^/]+)/([^/]+)", h.RegistrationsHandler),
-        (r"/v1/cluster/auth", h.ClusterAuthHandler),
         (r"/v1/cluster/workers", h.ClusterWorkersHandler),
         (r"/v1/cluster/health", h.ClusterHealthHandler),
         (r"/status", h.HealthHandler),
@@ -71,9 +78,11 @@ def make_app(supervisor: Supervisor) -> web.Application:
         *image_handlers.routes(),
         *audio_handlers.routes(),
         *batch_handlers.routes(),
+        *auth_handlers.routes(),
     ]
-    return web.Application(
+    return auth_handlers.GuardedApplication(
         routes,
+        auth=auth,
         supervisor=supervisor,
         serving=OpenAIServing(supervisor, stats),
         retrieval=RetrievalServing(supervisor, stats),

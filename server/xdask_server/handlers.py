@@ -17,6 +17,7 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from xdask import config
+from xdask.auth.redact import redact
 from xdask.errors import (
     InvalidRequestError,
     MethodNotAllowedError,
@@ -81,7 +82,8 @@ class BaseHandler(web.RequestHandler):
         err_status = err.status if isinstance(exc, XdaskError) else status_code
         self.set_status(err_status)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(err.to_dict()))
+        # A message may quote the request (a path, a value): never hand a credential back, or to a proxy's log.
+        self.finish(redact(json.dumps(err.to_dict())))
 
     def _handle_request_exception(self, e: BaseException) -> None:
         if isinstance(e, XdaskError):
@@ -345,13 +347,6 @@ class RegistrationsHandler(BodyHandler):
         self.write_json({"model_name": model_name, "model_type": model_type, "deleted": True})
 
 
-class ClusterAuthHandler(BaseHandler):
-    """``GET /v1/cluster/auth``: Xinference clients ask whether auth is on."""
-
-    def get(self) -> None:
-        self.write_json({"auth": False})
-
-
 class ClusterWorkersHandler(BaseHandler):
     """``GET /v1/cluster/workers``: address, resources, used/free GPUs, models and memory of each worker."""
 
@@ -371,8 +366,13 @@ class HealthHandler(BaseHandler):
     """``GET /status``: the server and its scheduler answer."""
 
     async def get(self) -> None:
+        from xdask_server.auth import caller_may  # imported here: auth's handlers build on this module
+
         info = await self.supervisor.client.scheduler.identity()
-        self.write_json({"status": "ok", "scheduler": info.get("address"), "workers": len(info.get("workers", {}))})
+        answer = {"status": "ok", "scheduler": info.get("address"), "workers": len(info.get("workers", {}))}
+        if not caller_may(self, "models:list"):
+            del answer["scheduler"]  # open to probes; where the cluster is, only to callers who may list models
+        self.write_json(answer)
 
 
 # -- dashboard (logic and URL layout: dashboard.py) ----------------------------------

@@ -11,7 +11,7 @@ Examples
 --------
 >>> redact("GET /v1/models?api_key=sk-72tkvudyGLPMi (127.0.0.1)")
 'GET /v1/models?api_key=sk-*** (127.0.0.1)'
->>> redact("Authorization: Bearer abc.def")
+>>> redact("Authorization: Bearer abc.def.ghi.jkl.mno")
 'Authorization: Bearer ***'
 """
 
@@ -24,7 +24,8 @@ import re
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"), "sk-***"),
     (re.compile(r"\beyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*"), "<token>"),
-    (re.compile(r"(?i)\b(bearer)\s+(?!\*\*\*)[^\s,;\"']+"), r"\1 ***"),
+    # Credential-shaped (12+ token68 characters), so that prose such as "Bearer <API key>" stays readable.
+    (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=\-]{12,}"), r"\1 ***"),
 )
 
 
