@@ -97,8 +97,9 @@ ROUTE_SCOPES: tuple[RouteScope, ...] = (
     _row("DELETE", rf"/v1/models/{_ID}", "models:terminate", "terminate a model"),
     # The catalog.
     _row("GET", rf"/v1/model_registrations/{_ID}(?:/{_ID})?", "models:list", "read model registrations"),
-    _row("POST", rf"/v1/model_registrations/{_ID}", "models:register", "register a custom model"),
-    _row("DELETE", rf"/v1/model_registrations/{_ID}/{_ID}", "models:register", "unregister a custom model"),
+    # POST .../{type} registers, DELETE .../{type}/{name} unregisters (the other shapes answer 405).
+    _row("POST DELETE", rf"/v1/model_registrations/{_ID}(?:/{_ID})?", "models:register",
+         "register or unregister a custom model"),
     _row("GET", rf"/v1/engines/{_ID}", "models:list", "query a model's engines"),
     _row("GET", r"/v1/cal_model_mem", "models:list", "estimate a model's memory"),
     # The model cache on the workers.

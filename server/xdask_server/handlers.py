@@ -2,7 +2,10 @@
 
 Every error leaves as an OpenAI-style JSON body with the status of its
 ``XdaskError`` class; Tornado's own errors (404 route, 405 method) too.
-POST bodies are streamed in and capped at ``xdask.server.max-body-size``.
+Request bodies, on every route and method, are streamed in and capped at
+``xdask.server.max-body-size`` (uploads at their own limits): 413 beyond.
+Every answer is counted for ``/metrics`` (``HttpStats``) by route, model and
+status.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from typing import Any
 
 import pydantic
@@ -23,6 +27,7 @@ from xdask.errors import (
     MethodNotAllowedError,
     NotFoundError,
     PayloadTooLargeError,
+    RateLimitError,
     XdaskError,
 )
 from xdask.protocol import validation_error
@@ -42,8 +47,77 @@ logger = logging.getLogger(__name__)
 _REFUSE_UNREAD_FACTOR = 8
 
 
+@web.stream_request_body
 class BaseHandler(web.RequestHandler):
-    """JSON in and out, OpenAI-style errors, a capped request body."""
+    """JSON in and out, OpenAI-style errors, a capped request body, and a count of every answer.
+
+    Why every handler streams its body: a handler that lets Tornado buffer
+    the body gets it whole before any check runs (up to the connection's cap),
+    and Tornado answers an oversized one with a bare 400; streamed, each
+    handler counts what arrives against ``body_limit`` and answers 413.
+    """
+
+    #: The model uid the request named (set by ``parse``), for the metrics' ``model`` label.
+    _model: str | None = None
+    _http_recorded = False
+    _limit: int | None = None
+
+    def body_limit(self) -> int:
+        """The largest body this handler reads (uploads of audio and images allow more)."""
+        return int(config.get("server.max-body-size"))
+
+    def prepare(self) -> Any:
+        self._start_body()
+
+    def _start_body(self) -> None:
+        """Start counting the body; a ``Content-Length`` far over the limit is refused before it is read."""
+        if self._limit is not None:
+            return
+        self._limit = self.body_limit()
+        self._chunks: list[bytes] = []
+        self._size = 0
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > self._limit * _REFUSE_UNREAD_FACTOR:
+            raise PayloadTooLargeError(f"Request body of {length} bytes is over the limit of {self._limit}")
+
+    def data_received(self, chunk: bytes) -> Any:
+        self._start_body()
+        self._size += len(chunk)
+        if self._size <= (self._limit or 0):
+            self._chunks.append(chunk)
+        else:  # keep reading (so the client gets our answer) but keep nothing
+            self._chunks.clear()
+
+    def body(self) -> bytes:
+        """The whole request body; 413 when it went over the limit."""
+        self._start_body()
+        if self._size > (self._limit or 0):
+            raise PayloadTooLargeError(f"Request body of {self._size} bytes is over the limit of {self._limit}")
+        return b"".join(self._chunks)
+
+    def note_model(self, uid: Any) -> None:
+        """The request is for model ``uid`` (the metrics label it only if such a model runs)."""
+        if isinstance(uid, str):
+            self._model = uid
+
+    def on_finish(self) -> None:
+        self._record_http(self.get_status())
+
+    def on_connection_close(self) -> None:
+        super().on_connection_close()
+        if not self._finished:
+            self._record_http(499)  # the client hung up before the answer was complete
+
+    def _record_http(self, status: int) -> None:
+        if self._http_recorded:
+            return
+        self._http_recorded = True
+        http = self.application.settings.get("http_stats")
+        if http is None:
+            return
+        model = self._model if self._model and self.supervisor.knows(self._model) else ""
+        http.record(self.application.settings["endpoint_labels"].get(type(self), "other"), model, status,
+                    self.request.request_time())
 
     @property
     def supervisor(self) -> Any:
@@ -82,6 +156,11 @@ class BaseHandler(web.RequestHandler):
         err_status = err.status if isinstance(exc, XdaskError) else status_code
         self.set_status(err_status)
         self.set_header("Content-Type", "application/json")
+        if isinstance(err, RateLimitError):
+            from xdask_server.limits import retry_after  # limits imports serving, which imports this module
+
+            wait = err.retry_after if err.retry_after is not None else retry_after()
+            self.set_header("Retry-After", str(max(1, math.ceil(wait))))
         # A message may quote the request (a path, a value): never hand a credential back, or to a proxy's log.
         self.finish(redact(json.dumps(err.to_dict())))
 
@@ -100,41 +179,13 @@ class BaseHandler(web.RequestHandler):
 
     def parse(self, schema: type[pydantic.BaseModel]) -> Any:
         """The request body validated against ``schema`` (400 on any problem)."""
-        return schema.model_validate_json(self.request.body or b"")
+        req = schema.model_validate_json(self.body())
+        self.note_model(getattr(req, "model", None))
+        return req
 
 
-@web.stream_request_body
 class BodyHandler(BaseHandler):
-    """A handler whose POST body is read in chunks and capped."""
-
-    def body_limit(self) -> int:
-        """The largest body this handler reads (uploads of audio and images allow more)."""
-        return int(config.get("server.max-body-size"))
-
-    def prepare(self) -> None:
-        self._limit = self.body_limit()
-        self._chunks: list[bytes] = []
-        self._size = 0
-        length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > self._limit * _REFUSE_UNREAD_FACTOR:
-            raise PayloadTooLargeError(f"Request body of {length} bytes is over the limit of {self._limit}")
-
-    def data_received(self, chunk: bytes) -> None:
-        self._size += len(chunk)
-        if self._size <= self._limit:
-            self._chunks.append(chunk)
-        else:  # keep reading (so the client gets our answer) but keep nothing
-            self._chunks.clear()
-
-    def body(self) -> bytes:
-        """The whole request body; 413 when it went over the limit."""
-        if self._size > self._limit:
-            raise PayloadTooLargeError(f"Request body of {self._size} bytes is over the limit of {self._limit}")
-        return b"".join(self._chunks)
-
-    def parse(self, schema: type[pydantic.BaseModel]) -> Any:
-        self.request.body = self.body()
-        return super().parse(schema)
+    """A handler that takes a JSON body (every handler's body is capped: ``BaseHandler``)."""
 
 
 class TaskBodyHandler(BodyHandler):
@@ -145,6 +196,7 @@ class TaskBodyHandler(BodyHandler):
     """
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()
         task = getattr(self, "_task", None)
         if task is not None and not task.done():
             task.cancel()
@@ -164,6 +216,7 @@ class GenerationHandler(BodyHandler):
     schema: type[ChatCompletionRequest | CompletionRequest]
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()
         task = getattr(self, "_task", None)
         if task is not None and not task.done():
             task.cancel()  # aborts the comm, which cancels generation on the worker
@@ -241,10 +294,11 @@ class CacheModelsHandler(BaseHandler):
 
     async def delete(self) -> None:
         version = self.get_query_argument("model_version", None)
-        if version is None and self.request.body:
+        raw = self.body()
+        if version is None and raw:
             try:
-                body = json.loads(self.request.body)
-            except ValueError:
+                body = json.loads(raw)
+            except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
                 raise InvalidRequestError("Request body is not valid JSON") from None
             version = body.get("model_version") if isinstance(body, dict) else None
         if not version:

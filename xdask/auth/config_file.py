@@ -140,6 +140,9 @@ def _read(path: pathlib.Path) -> Any:
 
 def parse_auth_config(data: Any, source: str = "<auth config>") -> AuthSettings:
     """Check the decoded file ``data`` and build :class:`AuthSettings`; raises :class:`AuthConfigError`."""
+    if not isinstance(data, dict):
+        raise AuthConfigError(f"auth config {source}: the file must hold an object with auth_config and "
+                              "user_config (Xinference's format)")
     try:
         model = _FileModel.model_validate(data)
     except pydantic.ValidationError as exc:
