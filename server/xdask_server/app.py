@@ -19,13 +19,15 @@ from xdask_server import batches as batch_handlers
 from xdask_server import embeddings as retrieval_handlers
 from xdask_server import handlers as h
 from xdask_server import images as image_handlers
+from xdask_server import monitoring
 from xdask_server.audio_serving import AudioServing
 from xdask_server.dashboard import Dashboard
 from xdask_server.image_serving import ImageServing
 from xdask_server.image_store import ImageStore
+from xdask_server.metrics import Metrics, endpoint_labels
 from xdask_server.retrieval import RetrievalServing
 from xdask_server.serving import OpenAIServing
-from xdask_server.stats import RequestStats, Sampler
+from xdask_server.stats import HttpStats, RequestStats, Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +81,9 @@ def make_app(supervisor: Supervisor, auth: Authenticator | None = None) -> web.A
         *audio_handlers.routes(),
         *batch_handlers.routes(),
         *auth_handlers.routes(),
+        *monitoring.routes(),
     ]
+    http_stats = HttpStats()
     return auth_handlers.GuardedApplication(
         routes,
         auth=auth,
@@ -91,6 +95,9 @@ def make_app(supervisor: Supervisor, auth: Authenticator | None = None) -> web.A
         sampler=sampler,
         batches=batches,
         dashboard=Dashboard(supervisor, stats, sampler),
+        http_stats=http_stats,
+        endpoint_labels={**endpoint_labels(routes), h.NotFoundHandler: "unmatched"},
+        metrics=Metrics(supervisor, stats, http_stats, sampler),
         default_handler_class=h.NotFoundHandler,
         compress_response=False,
     )

@@ -33,6 +33,7 @@ from xdask.errors import (
 from xdask.protocol import validation_error
 from xdask.registry import custom as custom_models
 from xdask_server.dashboard import Dashboard
+from xdask_server.limits import retry_after
 from xdask_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -157,8 +158,6 @@ class BaseHandler(web.RequestHandler):
         self.set_status(err_status)
         self.set_header("Content-Type", "application/json")
         if isinstance(err, RateLimitError):
-            from xdask_server.limits import retry_after  # limits imports serving, which imports this module
-
             wait = err.retry_after if err.retry_after is not None else retry_after()
             self.set_header("Retry-After", str(max(1, math.ceil(wait))))
         # A message may quote the request (a path, a value): never hand a credential back, or to a proxy's log.

@@ -20,6 +20,7 @@ from xdask.protocol import internal_request, resolve_max_tokens
 from xdask.registry import list_families
 from xdask.registry.families import type_fact_names
 from xdask.responses import chat_completion, text_completion
+from xdask_server.limits import admit
 from xdask_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -149,6 +150,7 @@ class OpenAIServing:
 
     async def complete(self, req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
         """The whole response body of a chat or completion request."""
+        await admit(self.supervisor, self.stats, req.model)
         with self.stats.track(req.model, streamed=False) as tracker:
             internal = await self._internal(req)
             text: list[str] = []
@@ -170,6 +172,7 @@ class OpenAIServing:
         Closing the iterator early (the client hung up) counts the request as
         cancelled and cancels the generation.
         """
+        await admit(self.supervisor, self.stats, req.model)
         with self.stats.track(req.model, streamed=True) as tracker:
             internal = await self._internal(req)
             chat = isinstance(req, ChatCompletionRequest)
