@@ -41,7 +41,8 @@ def _key(endpoint: str) -> str:
 
 
 def _load() -> dict[str, Any]:
-    path = config.home() / "auth" / "tokens.json"
+    # Not config.home(): reading (each Client does) must not create XDASK_HOME.
+    path = pathlib.Path(os.path.expanduser(str(config.get("home")))) / "auth" / "tokens.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
