@@ -11,9 +11,11 @@ status.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pydantic
@@ -47,6 +49,20 @@ logger = logging.getLogger(__name__)
 #: Bodies this many times over the limit are refused without reading them.
 _REFUSE_UNREAD_FACTOR = 8
 
+#: The HTTP methods whose handlers check the body cap before they run.
+_METHODS = ("get", "post", "put", "patch", "delete")
+
+
+def _body_checked(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` that first answers 413 when the request's body went over the cap."""
+    @functools.wraps(method)
+    def checked(self: BaseHandler, *args: Any, **kwargs: Any) -> Any:
+        self.body()
+        return method(self, *args, **kwargs)
+
+    checked.body_checked = True  # type: ignore[attr-defined]
+    return checked
+
 
 @web.stream_request_body
 class BaseHandler(web.RequestHandler):
@@ -61,40 +77,53 @@ class BaseHandler(web.RequestHandler):
     #: The model uid the request named (set by ``parse``), for the metrics' ``model`` label.
     _model: str | None = None
     _http_recorded = False
-    _limit: int | None = None
+    _body_cap: int | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each HTTP method a handler defines checks the body cap first, whether it reads the body or not.
+
+        Why: Tornado runs the method once the body is in, with no hook in
+        between; a route that takes no body must still answer 413 to an
+        oversized one rather than ignore it.
+        """
+        super().__init_subclass__(**kwargs)
+        for name in _METHODS:
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "body_checked", False):
+                setattr(cls, name, _body_checked(method))
 
     def body_limit(self) -> int:
         """The largest body this handler reads (uploads of audio and images allow more)."""
         return int(config.get("server.max-body-size"))
 
     def prepare(self) -> Any:
-        self._start_body()
+        self._start_body(check_length=True)
 
-    def _start_body(self) -> None:
-        """Start counting the body; a ``Content-Length`` far over the limit is refused before it is read."""
-        if self._limit is not None:
-            return
-        self._limit = self.body_limit()
-        self._chunks: list[bytes] = []
-        self._size = 0
+    def _start_body(self, check_length: bool = False) -> None:
+        """Start counting the body; with ``check_length``, a ``Content-Length`` far over the limit is refused."""
+        if self._body_cap is None:
+            self._body_cap = self.body_limit()
+            self._body_chunks: list[bytes] = []
+            self._body_size = 0
         length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > self._limit * _REFUSE_UNREAD_FACTOR:
-            raise PayloadTooLargeError(f"Request body of {length} bytes is over the limit of {self._limit}")
+        if check_length and length is not None and length.isdigit() \
+                and int(length) > self._body_cap * _REFUSE_UNREAD_FACTOR:
+            raise PayloadTooLargeError(f"Request body of {length} bytes is over the limit of {self._body_cap}")
 
     def data_received(self, chunk: bytes) -> Any:
         self._start_body()
-        self._size += len(chunk)
-        if self._size <= (self._limit or 0):
-            self._chunks.append(chunk)
+        self._body_size += len(chunk)
+        if self._body_size <= (self._body_cap or 0):
+            self._body_chunks.append(chunk)
         else:  # keep reading (so the client gets our answer) but keep nothing
-            self._chunks.clear()
+            self._body_chunks.clear()
 
     def body(self) -> bytes:
         """The whole request body; 413 when it went over the limit."""
         self._start_body()
-        if self._size > (self._limit or 0):
-            raise PayloadTooLargeError(f"Request body of {self._size} bytes is over the limit of {self._limit}")
-        return b"".join(self._chunks)
+        if self._body_size > (self._body_cap or 0):
+            raise PayloadTooLargeError(f"Request body of {self._body_size} bytes is over the limit of {self._body_cap}")
+        return b"".join(self._body_chunks)
 
     def note_model(self, uid: Any) -> None:
         """The request is for model ``uid`` (the metrics label it only if such a model runs)."""
