@@ -70,6 +70,7 @@ def describe(record: dict[str, Any]) -> dict[str, Any]:
         "replica": len(replicas),
         "state": record["state"],
         "restart_on_failure": record.get("restart_on_failure", True),
+        "request_limits": spec.get("request_limits"),
         "engine": serving[0].get("engine") if serving else None,
         "replicas": [_replica_view(r) for r in replicas],
         "history": record.get("history", []),
