@@ -159,22 +159,41 @@ def check_request(auth: Authenticator, request: httputil.HTTPServerRequest) -> I
 
 @web.stream_request_body
 class AuthErrorHandler(BaseHandler):
-    """Answers a request the gate refused (401/403), without reading its body."""
+    """Answers a request the gate refused (401/403), dropping its body.
+
+    Why the body is read at all: a connection whose request body is left
+    unread is closed after the answer, and a client that sends its next
+    request on it (keep-alive) meets a reset. So a body up to
+    ``xdask.server.max-body-size`` is read and dropped as it arrives, and the
+    answer comes after it; a larger one is refused unread and the connection
+    closed (``Connection: close``).
+    """
 
     def initialize(self, error: XdaskError) -> None:
         self.error = error
+        self._unread = False
 
     def prepare(self) -> None:
-        raise self.error
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > int(config.get("server.max-body-size")):
+            self._unread = True
+            raise self.error
 
     def data_received(self, chunk: bytes) -> None:
-        """Bodies of refused requests are dropped unread."""
+        """Bodies of refused requests are dropped."""
+
+    def _refuse(self, *args: Any) -> None:
+        raise self.error
+
+    get = head = post = put = patch = delete = options = _refuse
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         if isinstance(self.error, AuthenticationError):
             self.set_header("WWW-Authenticate", 'Bearer realm="xdask"')
         elif isinstance(self.error, PermissionDeniedError):
             self.set_header("WWW-Authenticate", 'Bearer realm="xdask", error="insufficient_scope"')
+        if self._unread:
+            self.set_header("Connection", "close")
         super().write_error(status_code, **kwargs)
 
 
