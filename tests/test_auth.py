@@ -357,6 +357,32 @@ def test_cli_login_then_commands(auth_server: LocalServer, tmp_path: Path) -> No
     assert xdask_cli(ep, home, "list").returncode == 1
 
 
+@pytest.mark.slow
+def test_jupyter_extension_passes_keys_through(auth_server: LocalServer, tmp_path: Path) -> None:
+    """A real Jupyter server fronting the auth server: its own key, or the caller's X-Xdask-Authorization."""
+    pytest.importorskip("jupyter_server")
+    from test_jupyter_extension import JupyterServer
+
+    keyed = JupyterServer(tmp_path / "keyed", f"--XdaskExtension.endpoint={auth_server.endpoint}",
+                          f"--XdaskExtension.api_key={KEYS['lister']}", env={"XDASK_API_KEY": ""})
+    bare = JupyterServer(tmp_path / "bare", f"--XdaskExtension.endpoint={auth_server.endpoint}",
+                         env={"XDASK_API_KEY": ""})
+    try:
+        assert keyed.http.get("/xdask/api/v1/models").status_code == 200
+        assert keyed.http.get("/xdask/dashboard/").status_code == 200
+        denied = keyed.http.get("/xdask/api/v1/cluster/workers")
+        assert denied.status_code == 403 and denied.json()["error"]["code"] == "insufficient_scope"
+        own = {"X-Xdask-Authorization": f"Bearer {KEYS['admin']}"}
+        assert keyed.http.get("/xdask/api/v1/cluster/workers", headers=own).status_code == 200
+        missing = bare.http.get("/xdask/api/v1/models")
+        assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
+        assert bare.http.get("/xdask/api/v1/models", headers={"X-Xdask-Authorization": KEYS["lister"]}).status_code \
+            == 200
+    finally:
+        keyed.stop()
+        bare.stop()
+
+
 # -- no secrets in logs (runs after the tests above: pytest keeps file order) ---------------------
 
 
