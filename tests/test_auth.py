@@ -68,6 +68,9 @@ FORM_AUDIO = {"files": {"file": ("a.wav", b"not a wav")}, "data": {"model": "nop
 REQUESTS: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
     ("GET", "/v1/cluster/auth", {}, ()),
     ("GET", "/status", {}, ()),
+    ("GET", "/healthz", {}, ()),
+    ("GET", "/readyz", {}, ()),
+    ("GET", "/metrics", {}, ("models:list",)),
     ("GET", "/v1/models", {}, ("models:list",)),
     ("GET", "/v1/models/nope", {}, ("models:list",)),
     ("POST", "/v1/models", {"json": {}}, ("models:launch",)),

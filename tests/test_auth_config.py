@@ -315,7 +315,7 @@ SAMPLE_PATHS = [
     "/dashboard/links/api", "/v1/images/generations", "/v1/images/edits", "/v1/images/variations",
     "/v1/images/image2image", "/v1/images/files/abc.png", "/v1/audio/transcriptions", "/v1/audio/translations",
     "/v1/audio/speech", "/v1/files", "/v1/files/file-1", "/v1/files/file-1/content", "/v1/batches",
-    "/v1/batches/batch_1", "/v1/batches/batch_1/cancel", "/token",
+    "/v1/batches/batch_1", "/v1/batches/batch_1/cancel", "/token", "/healthz", "/readyz", "/metrics",
 ]
 
 

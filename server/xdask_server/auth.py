@@ -73,6 +73,8 @@ ROUTE_SCOPES: tuple[RouteScope, ...] = (
     _row("GET", r"/v1/cluster/auth", PUBLIC, "ask whether auth is on"),
     _row("POST", r"/token", PUBLIC, "log in (username and password)"),
     _row("GET", r"/status", PUBLIC, "check the server answers (the scheduler's address needs models:list)"),
+    _row("GET", r"/healthz", PUBLIC, "probe liveness"),
+    _row("GET", r"/readyz", PUBLIC, "probe readiness"),
     # Using models.
     _row("POST", r"/v1/chat/completions", "inference", "chat with a model"),
     _row("POST", r"/v1/completions", "inference", "complete text"),
@@ -108,6 +110,8 @@ ROUTE_SCOPES: tuple[RouteScope, ...] = (
     # The cluster and what watches it.
     _row("GET", r"/v1/cluster/workers", "admin", "list the cluster's workers"),
     _row("GET", r"/v1/cluster/health", "models:list", "read the cluster's health"),
+    # Prometheus sends a key as any client does (scrape config: authorization.credentials).
+    _row("GET", r"/metrics", "models:list", "read the metrics"),
     _row("GET", r"/dashboard(?:/|/data/[a-z]+|/links/api)?", "models:list", "view the dashboard"),
 )
 

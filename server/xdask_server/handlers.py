@@ -356,6 +356,9 @@ class MemoryEstimateHandler(BaseHandler):
             batch = int(arg("batch") or 1)
         except ValueError:
             raise InvalidRequestError("context_length and batch must be integers") from None
+        if (context is not None and context < 1) or batch < 1:
+            raise InvalidRequestError("context_length and batch must be positive", param="context_length"
+                                      if context is not None and context < 1 else "batch")
         est = await asyncio.to_thread(
             estimate_catalog_model, model_name, arg("size_in_billions"), arg("model_format"), arg("quantization"),
             context, batch=batch, kv_cache_dtype=arg("kv_cache_dtype"),
