@@ -203,7 +203,7 @@ def test_each_scope_opens_exactly_its_routes(anon: httpx.Client, how: str) -> No
 
 @pytest.mark.slow
 def test_missing_wrong_forged_and_expired_credentials_are_401(anon: httpx.Client) -> None:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     expired = jwt.encode({"sub": "admin", "scopes": ["admin"], "exp": now - dt.timedelta(minutes=1)}, SECRET,
                          algorithm="HS256")
     forged = jwt.encode({"sub": "admin", "scopes": ["admin"], "exp": now + dt.timedelta(hours=1)}, "f" * 64,
@@ -324,7 +324,7 @@ def test_xinference_client_with_key_and_login(auth_server: LocalServer) -> None:
 def xdask_cli(endpoint: str, home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "XDASK_HOME": str(home), "XDASK_API_KEY": "", **(env or {})}
     return subprocess.run([sys.executable, "-m", "xdask.cli", *args, "--endpoint", endpoint], capture_output=True,
-                          text=True, timeout=120, env=full_env)
+                          text=True, timeout=120, env=full_env, check=False)
 
 
 @pytest.mark.slow
@@ -438,13 +438,14 @@ def test_bad_auth_config_stops_the_server_at_startup(tmp_path: Path) -> None:
     }
     for name, argv in runs.items():
         run_env = {**env, "XDASK_AUTH_CONFIG": str(bad)} if name == "XDASK_AUTH_CONFIG" else env
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=run_env)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=run_env, check=False)
         assert proc.returncode != 0, f"{name}: {proc.stdout}"
         assert "user_config[0].api_keys[0] is not an API key" in proc.stderr, f"{name}: {proc.stderr}"
         assert "sk-tooshort" not in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
         assert "serving at" not in proc.stdout
     missing = subprocess.run([sys.executable, "-m", "xdask.cli_local", "--port", port, "--auth-config",
-                              str(tmp_path / "nope.json")], capture_output=True, text=True, timeout=120, env=env)
+                              str(tmp_path / "nope.json")], capture_output=True, text=True, timeout=120, env=env,
+                             check=False)
     assert missing.returncode != 0 and "cannot read the auth config" in missing.stderr
 
 

@@ -133,8 +133,8 @@ BAD_FILES = [
     ({"auth_config__token_expire_in_minutes": "soon"}, r"token_expire_in_minutes: Input should be a valid integer"),
     ({"user_config": []}, r"lists no users"),
     ({"user_config__1__username": "user1"}, r"user_config\[1\]: username 'user1' appears twice"),
-    ({"user_config__1__api_keys__0": "sk-72tkvudyGLPMi"}, r"user_config\[1\]\.api_keys\[0\] is also a key of user "
-                                                          r"'user1'"),
+    ({"user_config__1__api_keys__0": "sk-72tkvudyGLPMi"},
+     r"user_config\[1\]\.api_keys\[0\] is also a key of user 'user1'"),
     ({"user_config__0__api_keys__1": "sk-short"}, r"user_config\[0\]\.api_keys\[1\] is not an API key"),
     ({"user_config__0__api_keys__1": "pk-72tkvudyGLPMx"}, r"user_config\[0\]\.api_keys\[1\] is not an API key"),
     ({"user_config__0__api_keys__1": "sk-72tkvudy_LPMx"}, r"user_config\[0\]\.api_keys\[1\] is not an API key"),
@@ -217,7 +217,8 @@ def test_api_keys(auth: Authenticator) -> None:
     assert (who.username, who.method) == ("user1", "api_key")
     assert auth.authenticate("bearer   sk-35tkasdyGLYMy ").username == "user2"
     for header, code in [(None, "missing_api_key"), ("", "missing_api_key"), ("Bearer", "invalid_api_key"),
-                         ("Basic dXNlcjE6c2VjcmV0MQ==", "invalid_api_key"), ("Bearer sk-72tkvudyGLPMj", "invalid_api_key"),
+                         ("Basic dXNlcjE6c2VjcmV0MQ==", "invalid_api_key"),
+                         ("Bearer sk-72tkvudyGLPMj", "invalid_api_key"),
                          ("Bearer sk-72tkvudyGLPM", "invalid_api_key"), ("Bearer unused", "invalid_api_key")]:
         with pytest.raises(AuthenticationError) as info:
             auth.authenticate(header)
@@ -237,13 +238,13 @@ def test_tokens_login_expiry_and_forgery(auth: Authenticator) -> None:
     with pytest.raises(AuthenticationError, match="Incorrect username or password"):
         auth.login("nobody", "secret2")
 
-    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
     expired = auth.create_token("user2", now=past, expires_in=dt.timedelta(minutes=30))
     with pytest.raises(AuthenticationError) as info:
         auth.authenticate(f"Bearer {expired}")
     assert info.value.code == "token_expired"
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     forged = [
         jwt.encode({"sub": "user1", "scopes": ["admin"], "exp": now + dt.timedelta(hours=1)}, "x" * 64,
                    algorithm="HS256"),                                         # wrong secret
@@ -286,12 +287,13 @@ def test_redact() -> None:
     assert "sk-72tkvudyGLPMi" not in clean and token not in clean and "abcdefghijklmnop" not in clean
     assert clean.startswith("401 GET /v1/models?api_key=sk-***&t=<token> (127.0.0.1)")
     assert redact("nothing to see") == "nothing to see"
-    assert redact("send 'Authorization: Bearer <API key or token>'") == "send 'Authorization: Bearer <API key or token>'"
+    prose = "send 'Authorization: Bearer <API key or token>'"
+    assert redact(prose) == prose
 
 
 def test_redacting_filter_cleans_messages_and_tracebacks() -> None:
-    record = logging.LogRecord("tornado.access", logging.WARNING, __file__, 1, "%d %s", (401, "GET /x/sk-72tkvudyGLPMi"),
-                               None)
+    record = logging.LogRecord("tornado.access", logging.WARNING, __file__, 1, "%d %s",
+                               (401, "GET /x/sk-72tkvudyGLPMi"), None)
     RedactingFilter().filter(record)
     assert record.getMessage() == "401 GET /x/sk-***"
     try:

@@ -35,7 +35,12 @@ from tornado import httputil, web
 from xdask import config
 from xdask.auth.authenticator import Authenticator, Identity
 from xdask.auth.scopes import SCOPES, allows
-from xdask.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError, XdaskError
+from xdask.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    PermissionDeniedError,
+    XdaskError,
+)
 from xdask_server.handlers import BaseHandler, BodyHandler
 
 logger = logging.getLogger(__name__)

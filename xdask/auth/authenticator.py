@@ -38,7 +38,12 @@ import jwt
 import jwt.warnings
 
 from xdask.auth import passwords, scopes
-from xdask.auth.config_file import API_KEY_PATTERN, AuthSettings, key_digest, load_auth_config
+from xdask.auth.config_file import (
+    API_KEY_PATTERN,
+    AuthSettings,
+    key_digest,
+    load_auth_config,
+)
 from xdask.errors import AuthenticationError, PermissionDeniedError
 
 # The config loader warns once about a short secret_key; PyJWT would warn on every request.
@@ -144,7 +149,7 @@ class Authenticator:
                      expires_in: dt.timedelta | None = None) -> str:
         """A signed access token for ``username`` (who must exist) with the user's permissions."""
         user = self.settings.users[username]
-        now = now or dt.datetime.now(dt.timezone.utc)
+        now = now or dt.datetime.now(dt.UTC)
         expires_in = expires_in or dt.timedelta(minutes=self.settings.token_expire_in_minutes)
         claims = {"sub": user.username, "scopes": list(user.permissions), "iat": now, "exp": now + expires_in}
         return jwt.encode(claims, self.settings.secret_key, algorithm=self.settings.algorithm)
