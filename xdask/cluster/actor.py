@@ -37,6 +37,7 @@ from xdask.engines.base import Delta
 from xdask.errors import (
     InvalidRequestError,
     LaunchCancelledError,
+    ModelLoadError,
     ModelNotReadyError,
     RateLimitError,
     XdaskError,
@@ -92,6 +93,12 @@ class ModelActor:
             if progress.cancelled:  # cancelled while the engine loaded: a load cannot be stopped halfway
                 self.engine.close()
                 raise LaunchCancelledError(f"The launch of {uid} was cancelled")
+        except ModelLoadError as exc:
+            self._ledger.release(self._holder)
+            if launch.get("model_path"):  # the client's file (not a model, or not this engine's format): 400
+                raise InvalidRequestError(f"model_path {launch['model_path']!r} could not be loaded: {exc.message}",
+                                          param="model_path", code="model_path_unloadable") from exc
+            raise
         except BaseException:
             self._ledger.release(self._holder)
             raise
