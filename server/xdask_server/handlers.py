@@ -49,6 +49,13 @@ logger = logging.getLogger(__name__)
 #: Bodies this many times over the limit are refused without reading them.
 _REFUSE_UNREAD_FACTOR = 8
 
+def _declares_body(handler: web.RequestHandler) -> bool:
+    """Whether the request says a body follows (a length above 0, or chunks)."""
+    headers = handler.request.headers
+    return headers.get("Content-Length", "0").strip() not in ("", "0") \
+        or "chunked" in headers.get("Transfer-Encoding", "").lower()
+
+
 #: The HTTP methods whose handlers check the body cap before they run.
 _METHODS = ("get", "post", "put", "patch", "delete")
 
@@ -57,6 +64,7 @@ def _body_checked(method: Callable[..., Any]) -> Callable[..., Any]:
     """``method`` that first answers 413 when the request's body went over the cap."""
     @functools.wraps(method)
     def checked(self: BaseHandler, *args: Any, **kwargs: Any) -> Any:
+        self._method_started = True  # Tornado calls the method once the whole body is in
         self.body()
         return method(self, *args, **kwargs)
 
@@ -78,6 +86,7 @@ class BaseHandler(web.RequestHandler):
     _model: str | None = None
     _http_recorded = False
     _body_cap: int | None = None
+    _method_started = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Each HTTP method a handler defines checks the body cap first, whether it reads the body or not.
@@ -173,6 +182,10 @@ class BaseHandler(web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        if not self._method_started and _declares_body(self):
+            # Answered before the body was read (404 route, 405, 413 on the headers, a refused key): Tornado
+            # closes the connection after this answer; say so, or a keep-alive client reuses it and fails.
+            self.set_header("Connection", "close")
         if isinstance(exc, XdaskError):
             err = exc
         elif status_code == 405:
@@ -251,15 +264,15 @@ class GenerationHandler(BodyHandler):
 
     async def post(self) -> None:
         req = self.parse(self.schema)
+        # A task of its own, so that a client hanging up cancels it at once, wherever it waits (for a slot,
+        # for the next token), rather than at the next write that fails.
+        self._task = asyncio.ensure_future(self._stream(req) if req.stream else self.serving.complete(req))
+        try:
+            body = await self._task
+        except asyncio.CancelledError:
+            return  # the client hung up
         if not req.stream:
-            self._task = asyncio.ensure_future(self.serving.complete(req))
-            try:
-                body = await self._task
-            except asyncio.CancelledError:
-                return  # the client hung up
             self.write_json(body)
-            return
-        await self._stream(req)
 
     async def _stream(self, req: Any) -> None:
         chunks = self.serving.stream(req)

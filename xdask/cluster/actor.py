@@ -197,7 +197,8 @@ class ModelActor:
         self._in_flight += 1
         self._requests_total += 1
         self._generating += 1
-        job = loop.run_in_executor(self._pool, self.engine.generate, prompt, params, emit)
+        work = self._pool.submit(self.engine.generate, prompt, params, emit)
+        job = asyncio.wrap_future(work, loop=loop)
         job.add_done_callback(self._job_done)
         try:
             while True:
@@ -216,6 +217,8 @@ class ModelActor:
                     return
         finally:
             cancelled.set()
+            # Still waiting for a thread (every slot busy): it never runs. A running one stops at its next token.
+            work.cancel()
             self._in_flight -= 1
 
     async def invoke(self, request: dict[str, Any]) -> dict[str, Any]:
