@@ -138,3 +138,26 @@ def test_worker_log_level_is_taken_out_of_dask_worker_args() -> None:
                           "--log-level", "LOUD", "tcp://127.0.0.1:1"], env=ENV, capture_output=True, text=True,
                          check=False)
     assert out.returncode == 2 and "unknown log level" in out.stderr
+
+
+def _leaf_keys(node: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict) and not path.endswith("dask-config"):
+            keys += _leaf_keys(value, path)
+        else:
+            keys.append(path)
+    return keys
+
+
+def test_readme_lists_every_setting_and_variable() -> None:
+    import yaml
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("### Settings"):readme.index("### Logs")]
+    defaults = yaml.safe_load((Path(config.__file__).with_name("xdask.yaml")).read_text())["xdask"]
+    missing = [key for key in _leaf_keys(defaults) if f"| `{key}` |" not in table]
+    assert not missing, f"settings missing from the README table: {missing}"
+    aliases = [name for name in config._FLAT_ALIASES if f"`{name}`" not in table]
+    assert not aliases, f"variables missing from the README table: {aliases}"
