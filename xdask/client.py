@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Self
 import httpx
 
 from xdask import config
-from xdask.errors import XdaskError, from_dict
+from xdask.errors import PermissionDeniedError, XdaskError, from_dict
 
 if TYPE_CHECKING:
     import distributed
@@ -290,14 +290,41 @@ class ModelHandle:
 
 
 class Client:
-    """HTTP client of an xdask server (``XDASK_ENDPOINT`` by default)."""
+    """HTTP client of an xdask server (``XDASK_ENDPOINT`` by default).
+
+    ``api_key`` is what a server with auth on needs: an API key (``sk-...``)
+    or an access token. Left out, it is ``XDASK_API_KEY`` if set, else the
+    token ``xdask login`` (or :meth:`login`) stored for this endpoint.
+    """
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = 1800.0, api_key: str | None = None):
+        from xdask.auth.store import resolve_api_key
+
         self.endpoint = (endpoint or config.get("endpoint")).rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.api_key = resolve_api_key(self.endpoint, api_key)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._http = httpx.Client(base_url=self.endpoint, timeout=timeout, headers=headers)
         self._dask: distributed.Client | None = None
         self._dask_lock = threading.Lock()
+
+    def login(self, username: str, password: str, *, store: bool = False) -> dict[str, Any]:
+        """Log in (``POST /token``) and send the token from now on; ``store`` keeps it as ``xdask login`` does.
+
+        Returns ``{"access_token", "token_type", "expires_in"}``. Raises
+        ``AuthenticationError`` (401) for a wrong username or password.
+        """
+        answer = self._request("POST", "/token", data={"username": username, "password": password})
+        self.api_key = answer["access_token"]
+        self._http.headers["Authorization"] = f"Bearer {self.api_key}"
+        if store:
+            from xdask.auth.store import save_token
+
+            save_token(self.endpoint, self.api_key, username=username, expires_in=answer.get("expires_in"))
+        return answer
+
+    def auth_enabled(self) -> bool:
+        """Whether the server requires credentials (``GET /v1/cluster/auth``)."""
+        return bool(self._request("GET", "/v1/cluster/auth").get("auth"))
 
     def close(self) -> None:
         self._http.close()
@@ -326,7 +353,10 @@ class Client:
             return distributed.get_client()
         with self._dask_lock:
             if self._dask is None or self._dask.status in ("closing", "closed"):
-                address = self._request("GET", "/status")["scheduler"]
+                address = self._request("GET", "/status").get("scheduler")
+                if not address:
+                    raise PermissionDeniedError("The server shows its Dask scheduler only to callers with the "
+                                                "models:list scope; this client's credential lacks it")
                 self._dask = distributed.Client(address)
             return self._dask
 

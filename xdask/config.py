@@ -31,6 +31,14 @@ _FLAT_ALIASES: dict[str, str] = {
     "XDASK_MAX_BODY_SIZE": "xdask.server.max-body-size",
     "XDASK_REQUEST_TIMEOUT": "xdask.server.request-timeout",
     "XDASK_LAUNCH_TIMEOUT": "xdask.launch.timeout",
+    # The seed's (Xinference's) names, each a whole key.
+    "XDASK_HEALTH_CHECK_ATTEMPTS": "xdask.health-check.attempts",
+    "XDASK_HEALTH_CHECK_INTERVAL": "xdask.health-check.interval",
+    "XDASK_DISABLE_HEALTH_CHECK": "xdask.health-check.disable",
+    "XDASK_DISABLE_METRICS": "xdask.metrics.disable",
+    "XDASK_LOG_LEVEL": "xdask.logs.level",
+    "XDASK_LOG_MAX_BYTES": "xdask.logs.max-bytes",
+    "XDASK_LOG_BACKUP_COUNT": "xdask.logs.backup-count",
 }
 
 

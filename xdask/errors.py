@@ -52,6 +52,13 @@ class AuthenticationError(XdaskError):
     type = "authentication_error"
 
 
+class PermissionDeniedError(XdaskError):
+    """The credentials are valid but lack the scope this request needs (403)."""
+
+    status = 403
+    type = "permission_error"
+
+
 class NotFoundError(XdaskError):
     """An unknown model uid, family or route (404)."""
 
@@ -78,6 +85,22 @@ class PayloadTooLargeError(XdaskError):
 
     status = 413
     type = "invalid_request_error"
+
+
+class RateLimitError(XdaskError):
+    """Too many requests: a model's ``request_limits`` or a replica's queue is full (429).
+
+    ``retry_after`` (seconds) goes out as the ``Retry-After`` header, which the
+    ``openai`` package honours when it retries.
+    """
+
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "rate_limit_exceeded",
+                 retry_after: float | None = None):
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after
 
 
 class ModelNotReadyError(XdaskError):
@@ -205,10 +228,12 @@ def from_dict(body: dict[str, Any], status: int) -> XdaskError:
     classes = {
         400: InvalidRequestError,
         401: AuthenticationError,
+        403: PermissionDeniedError,
         404: NotFoundError,
         405: MethodNotAllowedError,
         409: ConflictError,
         413: PayloadTooLargeError,
+        429: RateLimitError,
         503: ModelNotReadyError,
         504: RequestTimeoutError,
     }

@@ -3,7 +3,10 @@
 Every xdask process logs to ``XDASK_HOME/logs/<role>_<ms>/xdask.log``, with
 ``role`` one of ``local`` (``xdask-local``), ``server`` (``xdask-server``),
 ``scheduler`` (``dask scheduler --preload xdask.cluster.scheduler_preload``)
-and ``worker`` (the preload that ``xdask-worker`` adds).
+and ``worker`` (the preload that ``xdask-worker`` adds). The file rolls over
+at ``xdask.logs.max-bytes`` (100 MB) and keeps ``xdask.logs.backup-count`` (30)
+older files; the level is ``xdask.logs.level`` unless the caller (a command's
+``--log-level``) gives one.
 
 Examples
 --------
@@ -53,7 +56,23 @@ def _installed() -> _XdaskFileHandler | None:
     return None
 
 
-def setup_logging(role: str, level: str | int = "INFO", console: bool = True) -> pathlib.Path:
+def log_level(level: str | int | None = None) -> str | int:
+    """``level``, else ``xdask.logs.level``, as the ``logging`` module takes it (names upper-cased).
+
+    Raises ``ValueError`` for a name ``logging`` does not know.
+    """
+    value = config.get("logs.level", "INFO") if level is None else level
+    if isinstance(value, int):
+        return value
+    name = str(value).strip().upper()
+    if name.isdigit():
+        return int(name)
+    if name not in logging.getLevelNamesMapping():
+        raise ValueError(f"unknown log level {value!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return name
+
+
+def setup_logging(role: str, level: str | int | None = None, console: bool = True) -> pathlib.Path:
     """Log ``xdask``, ``distributed`` and ``tornado`` to ``logs/<role>_<ms>/xdask.log``.
 
     Returns the log file's path, which the CLI prints.
@@ -64,6 +83,7 @@ def setup_logging(role: str, level: str | int = "INFO", console: bool = True) ->
     file the first call opened, instead of adding handlers that would write
     every record twice.
     """
+    level = log_level(level)
     xdask_loggers = [logging.getLogger(name) for name in ("xdask", "xdask_server")]
     for logger in xdask_loggers:
         logger.setLevel(level)
@@ -80,7 +100,8 @@ def setup_logging(role: str, level: str | int = "INFO", console: bool = True) ->
     import distributed.config  # noqa: F401
 
     path = config.log_dir(role) / "xdask.log"
-    file_handler = _XdaskFileHandler(path, maxBytes=50 * 2**20, backupCount=5)
+    file_handler = _XdaskFileHandler(path, maxBytes=int(config.get("logs.max-bytes")),
+                                     backupCount=int(config.get("logs.backup-count")))
     file_handler.setFormatter(logging.Formatter(_FORMAT))
     logging.getLogger().addHandler(file_handler)
     for name in _NON_PROPAGATING:

@@ -104,12 +104,15 @@ def resolve_endpoint(target: str | None = None) -> str:
     return embedded.ensure_local()
 
 
-def connect(target: str | None = None) -> Client:
+def connect(target: str | None = None, api_key: str | None = None) -> Client:
     """Make ``target`` the notebook's current xdask server and return its client.
 
     See :func:`resolve_endpoint` for what ``target`` may be. The server's
     ``/status`` must answer, so a wrong address fails here with a clear message.
     The previous client is left open: widgets made with it keep working.
+    ``api_key`` is for a server with auth on (default: ``XDASK_API_KEY``,
+    which a Jupyter server configured with ``c.XdaskExtension.api_key`` hands
+    its kernels, else the token ``xdask login`` stored for the endpoint).
 
     Raises
     ------
@@ -121,7 +124,7 @@ def connect(target: str | None = None) -> Client:
     global _current
     endpoint = resolve_endpoint(target)
     server_status(endpoint)
-    client = Client(endpoint)
+    client = Client(endpoint, api_key=api_key)
     with _lock:
         _current = client
     return client

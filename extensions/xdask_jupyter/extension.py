@@ -26,6 +26,7 @@ Examples
 In ``jupyter_server_config.py``::
 
     c.XdaskExtension.endpoint = "http://10.0.0.5:9997"
+    c.XdaskExtension.api_key = "sk-72tkvudyGLPMi"   # if that server has auth on (or XDASK_API_KEY)
 
 then, with the Jupyter token::
 
@@ -84,6 +85,21 @@ class XdaskExtension(ExtensionApp):
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"XdaskExtension.endpoint must be a http(s) URL, 'local' or 'auto', not {value!r}")
         return value.rstrip("/")
+
+    api_key = Unicode(
+        help="""The API key (sk-...) or token this Jupyter server sends to an xdask server with auth on, for
+        requests that bring no X-Xdask-Authorization header of their own. Kernels started by this server get it
+        as XDASK_API_KEY, so widgets and magics send it too. Default: XDASK_API_KEY if set, else none.""",
+    ).tag(config=True)
+
+    @default("api_key")
+    def _default_api_key(self) -> str:
+        return os.environ.get("XDASK_API_KEY", "").strip()
+
+    def initialize_settings(self) -> None:
+        """Hand the configured key to the kernels this server starts (they inherit its environment)."""
+        if self.api_key and not os.environ.get("XDASK_API_KEY"):
+            os.environ["XDASK_API_KEY"] = self.api_key
 
     #: The endpoint requests go to in "local"/"auto" mode, once found (None: find it again).
     _resolved: str | None = None
@@ -251,6 +267,9 @@ class _XdaskProxyHandler(_XdaskHandlerMixin, ProxyMixin):
 
     def http_client(self) -> httpx.AsyncClient:
         return self.xdask.http_client()
+
+    def api_key(self) -> str | None:
+        return self.xdask.api_key or None
 
     def path_map(self) -> dict[str, str]:
         return {"/dashboard": self.prefix("dashboard"), "/": self.prefix("api")}

@@ -43,7 +43,8 @@ _OWN = ("connect", "dashboard", "help")
 _USER_ERRORS = (XdaskError, OSError)
 
 HELP = """\
-%xdask connect [URL|local|auto]   make URL (or the shared embedded xdask-local) the notebook's server
+%xdask connect [URL|local|auto] [--api-key KEY]   make URL (or the shared embedded xdask-local) the
+                                  notebook's server (KEY: for a server with auth on; default XDASK_API_KEY)
 %xdask launch -n NAME [-en ENGINE] [-u UID] [--n-gpu N] [--replica R] [--ENGINE_OPTION VALUE ...]
 %xdask list                       running models
 %xdask terminate UID              stop a model
@@ -101,10 +102,15 @@ class XdaskMagics(Magics):
             self._run_cli(name, rest)
 
     def _connect(self, args: list[str]) -> None:
-        if len(args) > 1:
-            raise UsageError("usage: %xdask connect [URL|local|auto]")
+        parser = argparse.ArgumentParser(prog="%xdask connect", add_help=False, exit_on_error=False)
+        parser.add_argument("target", nargs="?", default=None)
+        parser.add_argument("--api-key", default=None)
         try:
-            client = connect(args[0] if args else None)
+            options = parser.parse_args(args)
+        except (argparse.ArgumentError, SystemExit):
+            raise UsageError("usage: %xdask connect [URL|local|auto] [--api-key KEY]") from None
+        try:
+            client = connect(options.target, api_key=options.api_key)
             status = server_status(client.endpoint)
         except _USER_ERRORS as exc:
             raise UsageError(f"%xdask connect: {error_text(exc)}") from None
@@ -140,8 +146,9 @@ class XdaskMagics(Magics):
         try:
             # --endpoint first: a user's own -e later on the line wins, and launch's pass-through engine
             # options stay at the end.
-            command.main(args=["--endpoint", endpoint, *args], prog_name=f"%xdask {name}",
-                         standalone_mode=False)
+            key = current_client().api_key
+            command.main(args=["--endpoint", endpoint, *(["--api-key", key] if key else []), *args],
+                         prog_name=f"%xdask {name}", standalone_mode=False)
         except click.exceptions.Abort:
             raise UsageError(f"%xdask {name}: aborted") from None
         except click.ClickException as exc:

@@ -8,7 +8,8 @@ are), and streaming: an SSE answer is relayed chunk by chunk as it arrives,
 and a client that goes away closes the upstream request (so the model stops).
 What it drops: Jupyter's credentials (``Authorization``, cookies, XSRF token)
 never reach the xdask server; a caller's own xdask key travels as
-``X-Xdask-Authorization`` and is forwarded as ``Authorization``.
+``X-Xdask-Authorization`` and is forwarded as ``Authorization``, and without
+one the extension's own key (``c.XdaskExtension.api_key``) is sent.
 """
 
 from __future__ import annotations
@@ -60,17 +61,27 @@ def make_client() -> httpx.AsyncClient:
     )
 
 
-def upstream_headers(incoming: Any) -> dict[str, str]:
-    """The request headers to send upstream: Jupyter's credentials out, the caller's xdask key in."""
+def bearer(credential: str) -> str:
+    """An ``Authorization`` value for a key or token given bare (``sk-...``) or with its scheme."""
+    credential = credential.strip()
+    return credential if " " in credential else f"Bearer {credential}"
+
+
+def upstream_headers(incoming: Any, api_key: str | None = None) -> dict[str, str]:
+    """The request headers to send upstream: Jupyter's credentials out, the xdask credential in.
+
+    The caller's own ``X-Xdask-Authorization`` wins; without one, the
+    extension's ``api_key`` (``c.XdaskExtension.api_key`` / ``XDASK_API_KEY``) is sent.
+    """
     out: dict[str, str] = {}
     for name, value in incoming.get_all():
         low = name.lower()
         if low in _HOP_BY_HOP or low in _JUPYTER_ONLY or low == "accept-encoding":
             continue
         out[name] = value if name not in out else f"{out[name]}, {value}"
-    key = incoming.get(XDASK_AUTH_HEADER)
+    key = incoming.get(XDASK_AUTH_HEADER) or api_key
     if key:
-        out["Authorization"] = key
+        out["Authorization"] = bearer(key)
     return out
 
 
@@ -129,6 +140,10 @@ class ProxyMixin:
         """The shared upstream client."""
         raise NotImplementedError
 
+    def api_key(self) -> str | None:
+        """The credential sent upstream when the caller gives none (None: send nothing)."""
+        return None
+
     def write_xdask_error(self, err: XdaskError) -> None:
         """Answer with an OpenAI-style error body and the error's status."""
         self.clear_header("Location")  # type: ignore[attr-defined]
@@ -155,7 +170,7 @@ class ProxyMixin:
 
     async def _relay(self, upstream_path: str) -> None:
         request = self.request  # type: ignore[attr-defined]
-        headers = upstream_headers(request.headers)
+        headers = upstream_headers(request.headers, self.api_key())
         body = request.body or None
         tried: set[str] = set()
         while True:

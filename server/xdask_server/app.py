@@ -8,29 +8,37 @@ import logging
 from tornado import httpserver, web
 
 from xdask import config
+from xdask.auth.authenticator import Authenticator
+from xdask.auth.redact import install_log_redaction
 from xdask.batch.api import BatchManager
 from xdask.batch.store import BatchStore
 from xdask.cluster.supervisor import Supervisor
 from xdask_server import audio as audio_handlers
+from xdask_server import auth as auth_handlers
 from xdask_server import batches as batch_handlers
 from xdask_server import embeddings as retrieval_handlers
 from xdask_server import handlers as h
 from xdask_server import images as image_handlers
+from xdask_server import monitoring
 from xdask_server.audio_serving import AudioServing
 from xdask_server.dashboard import Dashboard
 from xdask_server.image_serving import ImageServing
 from xdask_server.image_store import ImageStore
+from xdask_server.metrics import Metrics, endpoint_labels
 from xdask_server.retrieval import RetrievalServing
 from xdask_server.serving import OpenAIServing
-from xdask_server.stats import RequestStats, Sampler
+from xdask_server.stats import HttpStats, RequestStats, Sampler
 
 logger = logging.getLogger(__name__)
 
 _UID = r"([^/]+)"
 
 
-def make_app(supervisor: Supervisor) -> web.Application:
+def make_app(supervisor: Supervisor, auth: Authenticator | None = None) -> web.Application:
     """The application: routes, and the supervisor the handlers use.
+
+    ``auth`` guards every route (``xdask_server.auth``); None: the auth config
+    that ``xdask.auth-config`` (``XDASK_AUTH_CONFIG``) names, if any, else none.
 
     Called on the running loop (as the CLI does), it also starts sampling the
     request statistics for the dashboard and the batch manager (which resumes
@@ -38,6 +46,8 @@ def make_app(supervisor: Supervisor) -> web.Application:
     ``app.settings["sampler"].start()`` once the loop runs (the batch manager
     starts with its first request).
     """
+    auth = auth if auth is not None else auth_handlers.authenticator_from_config()
+    install_log_redaction()  # credentials a client put in a URL never reach a log file
     stats = RequestStats()
     interval = float(config.get("dashboard.sample-interval"))
     sampler = Sampler(stats, interval, int(config.get("dashboard.history")), live=supervisor.known_models,
@@ -59,7 +69,6 @@ def make_app(supervisor: Supervisor) -> web.Application:
         (r"/v1/cal_model_mem", h.MemoryEstimateHandler),
         (r"/v1/model_registrations/([^/]+)", h.RegistrationsHandler),
         (r"/v1/model_registrations/([^/]+)/([^/]+)", h.RegistrationsHandler),
-        (r"/v1/cluster/auth", h.ClusterAuthHandler),
         (r"/v1/cluster/workers", h.ClusterWorkersHandler),
         (r"/v1/cluster/health", h.ClusterHealthHandler),
         (r"/status", h.HealthHandler),
@@ -71,9 +80,13 @@ def make_app(supervisor: Supervisor) -> web.Application:
         *image_handlers.routes(),
         *audio_handlers.routes(),
         *batch_handlers.routes(),
+        *auth_handlers.routes(),
+        *monitoring.routes(),
     ]
-    return web.Application(
+    http_stats = HttpStats()
+    return auth_handlers.GuardedApplication(
         routes,
+        auth=auth,
         supervisor=supervisor,
         serving=OpenAIServing(supervisor, stats),
         retrieval=RetrievalServing(supervisor, stats),
@@ -82,6 +95,9 @@ def make_app(supervisor: Supervisor) -> web.Application:
         sampler=sampler,
         batches=batches,
         dashboard=Dashboard(supervisor, stats, sampler),
+        http_stats=http_stats,
+        endpoint_labels={**endpoint_labels(routes), h.NotFoundHandler: "unmatched"},
+        metrics=Metrics(supervisor, stats, http_stats, sampler),
         default_handler_class=h.NotFoundHandler,
         compress_response=False,
     )

@@ -30,6 +30,7 @@ from typing import Any
 from xdask.cluster.supervisor import Supervisor
 from xdask.engines.wav import check_wav
 from xdask.media_protocol import SpeechRequest, TranscriptionForm
+from xdask_server.limits import admit
 from xdask_server.serving import check_model_type
 from xdask_server.stats import RequestStats
 
@@ -81,6 +82,7 @@ class AudioServing:
         self.stats = stats if stats is not None else RequestStats()
 
     async def _invoke(self, uid: str, endpoint: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        await admit(self.supervisor, self.stats, uid)
         with self.stats.track(uid, streamed=False):
             record = await self.supervisor._record(uid)
             check_model_type(record, "audio", endpoint)

@@ -157,6 +157,7 @@ class BatchBaseHandler(BaseHandler):
         return self.application.settings["batches"]
 
     async def prepare(self) -> None:
+        BaseHandler.prepare(self)  # the body cap (these routes take no body)
         await self.batches.ready()
 
     def int_arg(self, name: str, default: int) -> int:
@@ -235,6 +236,7 @@ class FilesHandler(BatchBaseHandler):
         self.write_json(await self.batches.add_file(upload, reader.filename, purpose))
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()
         upload, self._upload = self._upload, None
         if upload is not None:  # the client hung up mid-upload
             task = asyncio.ensure_future(asyncio.to_thread(self.batches.store.discard_upload, upload))

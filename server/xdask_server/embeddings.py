@@ -35,6 +35,7 @@ class _RetrievalHandler(BodyHandler):
         return self.application.settings["retrieval"]
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()
         task = getattr(self, "_task", None)
         if task is not None and not task.done():
             task.cancel()

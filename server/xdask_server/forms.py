@@ -88,4 +88,6 @@ class UploadHandler(TaskBodyHandler):
     async def form(self) -> Form:
         """The request's form (parsed in a thread: the body may be tens of MB)."""
         body = self.body()
-        return await asyncio.to_thread(parse_form, self.request.headers.get("Content-Type", ""), body)
+        form = await asyncio.to_thread(parse_form, self.request.headers.get("Content-Type", ""), body)
+        self.note_model(form.fields.get("model"))
+        return form

@@ -2,14 +2,20 @@
 
 Every error leaves as an OpenAI-style JSON body with the status of its
 ``XdaskError`` class; Tornado's own errors (404 route, 405 method) too.
-POST bodies are streamed in and capped at ``xdask.server.max-body-size``.
+Request bodies, on every route and method, are streamed in and capped at
+``xdask.server.max-body-size`` (uploads at their own limits): 413 beyond.
+Every answer is counted for ``/metrics`` (``HttpStats``) by route, model and
+status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import math
+from collections.abc import Callable
 from typing import Any
 
 import pydantic
@@ -17,16 +23,19 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from xdask import config
+from xdask.auth.redact import redact
 from xdask.errors import (
     InvalidRequestError,
     MethodNotAllowedError,
     NotFoundError,
     PayloadTooLargeError,
+    RateLimitError,
     XdaskError,
 )
 from xdask.protocol import validation_error
 from xdask.registry import custom as custom_models
 from xdask_server.dashboard import Dashboard
+from xdask_server.limits import retry_after
 from xdask_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -40,9 +49,114 @@ logger = logging.getLogger(__name__)
 #: Bodies this many times over the limit are refused without reading them.
 _REFUSE_UNREAD_FACTOR = 8
 
+def _declares_body(handler: web.RequestHandler) -> bool:
+    """Whether the request says a body follows (a length above 0, or chunks)."""
+    headers = handler.request.headers
+    return headers.get("Content-Length", "0").strip() not in ("", "0") \
+        or "chunked" in headers.get("Transfer-Encoding", "").lower()
 
+
+#: The HTTP methods whose handlers check the body cap before they run.
+_METHODS = ("get", "post", "put", "patch", "delete")
+
+
+def _body_checked(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` that first answers 413 when the request's body went over the cap."""
+    @functools.wraps(method)
+    def checked(self: BaseHandler, *args: Any, **kwargs: Any) -> Any:
+        self._method_started = True  # Tornado calls the method once the whole body is in
+        self.body()
+        return method(self, *args, **kwargs)
+
+    checked.body_checked = True  # type: ignore[attr-defined]
+    return checked
+
+
+@web.stream_request_body
 class BaseHandler(web.RequestHandler):
-    """JSON in and out, OpenAI-style errors, a capped request body."""
+    """JSON in and out, OpenAI-style errors, a capped request body, and a count of every answer.
+
+    Why every handler streams its body: a handler that lets Tornado buffer
+    the body gets it whole before any check runs (up to the connection's cap),
+    and Tornado answers an oversized one with a bare 400; streamed, each
+    handler counts what arrives against ``body_limit`` and answers 413.
+    """
+
+    #: The model uid the request named (set by ``parse``), for the metrics' ``model`` label.
+    _model: str | None = None
+    _http_recorded = False
+    _body_cap: int | None = None
+    _method_started = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each HTTP method a handler defines checks the body cap first, whether it reads the body or not.
+
+        Why: Tornado runs the method once the body is in, with no hook in
+        between; a route that takes no body must still answer 413 to an
+        oversized one rather than ignore it.
+        """
+        super().__init_subclass__(**kwargs)
+        for name in _METHODS:
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "body_checked", False):
+                setattr(cls, name, _body_checked(method))
+
+    def body_limit(self) -> int:
+        """The largest body this handler reads (uploads of audio and images allow more)."""
+        return int(config.get("server.max-body-size"))
+
+    def prepare(self) -> Any:
+        self._start_body(check_length=True)
+
+    def _start_body(self, check_length: bool = False) -> None:
+        """Start counting the body; with ``check_length``, a ``Content-Length`` far over the limit is refused."""
+        if self._body_cap is None:
+            self._body_cap = self.body_limit()
+            self._body_chunks: list[bytes] = []
+            self._body_size = 0
+        length = self.request.headers.get("Content-Length")
+        if check_length and length is not None and length.isdigit() \
+                and int(length) > self._body_cap * _REFUSE_UNREAD_FACTOR:
+            raise PayloadTooLargeError(f"Request body of {length} bytes is over the limit of {self._body_cap}")
+
+    def data_received(self, chunk: bytes) -> Any:
+        self._start_body()
+        self._body_size += len(chunk)
+        if self._body_size <= (self._body_cap or 0):
+            self._body_chunks.append(chunk)
+        else:  # keep reading (so the client gets our answer) but keep nothing
+            self._body_chunks.clear()
+
+    def body(self) -> bytes:
+        """The whole request body; 413 when it went over the limit."""
+        self._start_body()
+        if self._body_size > (self._body_cap or 0):
+            raise PayloadTooLargeError(f"Request body of {self._body_size} bytes is over the limit of {self._body_cap}")
+        return b"".join(self._body_chunks)
+
+    def note_model(self, uid: Any) -> None:
+        """The request is for model ``uid`` (the metrics label it only if such a model runs)."""
+        if isinstance(uid, str):
+            self._model = uid
+
+    def on_finish(self) -> None:
+        self._record_http(self.get_status())
+
+    def on_connection_close(self) -> None:
+        super().on_connection_close()
+        if not self._finished:
+            self._record_http(499)  # the client hung up before the answer was complete
+
+    def _record_http(self, status: int) -> None:
+        if self._http_recorded:
+            return
+        self._http_recorded = True
+        http = self.application.settings.get("http_stats")
+        if http is None:
+            return
+        model = self._model if self._model and self.supervisor.knows(self._model) else ""
+        http.record(self.application.settings["endpoint_labels"].get(type(self), "other"), model, status,
+                    self.request.request_time())
 
     @property
     def supervisor(self) -> Any:
@@ -68,6 +182,10 @@ class BaseHandler(web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        if not self._method_started and _declares_body(self):
+            # Answered before the body was read (404 route, 405, 413 on the headers, a refused key): Tornado
+            # closes the connection after this answer; say so, or a keep-alive client reuses it and fails.
+            self.set_header("Connection", "close")
         if isinstance(exc, XdaskError):
             err = exc
         elif status_code == 405:
@@ -81,7 +199,11 @@ class BaseHandler(web.RequestHandler):
         err_status = err.status if isinstance(exc, XdaskError) else status_code
         self.set_status(err_status)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(err.to_dict()))
+        if isinstance(err, RateLimitError):
+            wait = err.retry_after if err.retry_after is not None else retry_after()
+            self.set_header("Retry-After", str(max(1, math.ceil(wait))))
+        # A message may quote the request (a path, a value): never hand a credential back, or to a proxy's log.
+        self.finish(redact(json.dumps(err.to_dict())))
 
     def _handle_request_exception(self, e: BaseException) -> None:
         if isinstance(e, XdaskError):
@@ -98,41 +220,13 @@ class BaseHandler(web.RequestHandler):
 
     def parse(self, schema: type[pydantic.BaseModel]) -> Any:
         """The request body validated against ``schema`` (400 on any problem)."""
-        return schema.model_validate_json(self.request.body or b"")
+        req = schema.model_validate_json(self.body())
+        self.note_model(getattr(req, "model", None))
+        return req
 
 
-@web.stream_request_body
 class BodyHandler(BaseHandler):
-    """A handler whose POST body is read in chunks and capped."""
-
-    def body_limit(self) -> int:
-        """The largest body this handler reads (uploads of audio and images allow more)."""
-        return int(config.get("server.max-body-size"))
-
-    def prepare(self) -> None:
-        self._limit = self.body_limit()
-        self._chunks: list[bytes] = []
-        self._size = 0
-        length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > self._limit * _REFUSE_UNREAD_FACTOR:
-            raise PayloadTooLargeError(f"Request body of {length} bytes is over the limit of {self._limit}")
-
-    def data_received(self, chunk: bytes) -> None:
-        self._size += len(chunk)
-        if self._size <= self._limit:
-            self._chunks.append(chunk)
-        else:  # keep reading (so the client gets our answer) but keep nothing
-            self._chunks.clear()
-
-    def body(self) -> bytes:
-        """The whole request body; 413 when it went over the limit."""
-        if self._size > self._limit:
-            raise PayloadTooLargeError(f"Request body of {self._size} bytes is over the limit of {self._limit}")
-        return b"".join(self._chunks)
-
-    def parse(self, schema: type[pydantic.BaseModel]) -> Any:
-        self.request.body = self.body()
-        return super().parse(schema)
+    """A handler that takes a JSON body (every handler's body is capped: ``BaseHandler``)."""
 
 
 class TaskBodyHandler(BodyHandler):
@@ -143,6 +237,7 @@ class TaskBodyHandler(BodyHandler):
     """
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()
         task = getattr(self, "_task", None)
         if task is not None and not task.done():
             task.cancel()
@@ -162,21 +257,22 @@ class GenerationHandler(BodyHandler):
     schema: type[ChatCompletionRequest | CompletionRequest]
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()
         task = getattr(self, "_task", None)
         if task is not None and not task.done():
             task.cancel()  # aborts the comm, which cancels generation on the worker
 
     async def post(self) -> None:
         req = self.parse(self.schema)
+        # A task of its own, so that a client hanging up cancels it at once, wherever it waits (for a slot,
+        # for the next token), rather than at the next write that fails.
+        self._task = asyncio.ensure_future(self._stream(req) if req.stream else self.serving.complete(req))
+        try:
+            body = await self._task
+        except asyncio.CancelledError:
+            return  # the client hung up
         if not req.stream:
-            self._task = asyncio.ensure_future(self.serving.complete(req))
-            try:
-                body = await self._task
-            except asyncio.CancelledError:
-                return  # the client hung up
             self.write_json(body)
-            return
-        await self._stream(req)
 
     async def _stream(self, req: Any) -> None:
         chunks = self.serving.stream(req)
@@ -239,10 +335,11 @@ class CacheModelsHandler(BaseHandler):
 
     async def delete(self) -> None:
         version = self.get_query_argument("model_version", None)
-        if version is None and self.request.body:
+        raw = self.body()
+        if version is None and raw:
             try:
-                body = json.loads(self.request.body)
-            except ValueError:
+                body = json.loads(raw)
+            except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
                 raise InvalidRequestError("Request body is not valid JSON") from None
             version = body.get("model_version") if isinstance(body, dict) else None
         if not version:
@@ -272,6 +369,9 @@ class MemoryEstimateHandler(BaseHandler):
             batch = int(arg("batch") or 1)
         except ValueError:
             raise InvalidRequestError("context_length and batch must be integers") from None
+        if (context is not None and context < 1) or batch < 1:
+            raise InvalidRequestError("context_length and batch must be positive", param="context_length"
+                                      if context is not None and context < 1 else "batch")
         est = await asyncio.to_thread(
             estimate_catalog_model, model_name, arg("size_in_billions"), arg("model_format"), arg("quantization"),
             context, batch=batch, kv_cache_dtype=arg("kv_cache_dtype"),
@@ -345,13 +445,6 @@ class RegistrationsHandler(BodyHandler):
         self.write_json({"model_name": model_name, "model_type": model_type, "deleted": True})
 
 
-class ClusterAuthHandler(BaseHandler):
-    """``GET /v1/cluster/auth``: Xinference clients ask whether auth is on."""
-
-    def get(self) -> None:
-        self.write_json({"auth": False})
-
-
 class ClusterWorkersHandler(BaseHandler):
     """``GET /v1/cluster/workers``: address, resources, used/free GPUs, models and memory of each worker."""
 
@@ -371,8 +464,13 @@ class HealthHandler(BaseHandler):
     """``GET /status``: the server and its scheduler answer."""
 
     async def get(self) -> None:
+        from xdask_server.auth import caller_may  # imported here: auth's handlers build on this module
+
         info = await self.supervisor.client.scheduler.identity()
-        self.write_json({"status": "ok", "scheduler": info.get("address"), "workers": len(info.get("workers", {}))})
+        answer = {"status": "ok", "scheduler": info.get("address"), "workers": len(info.get("workers", {}))}
+        if not caller_may(self, "models:list"):
+            del answer["scheduler"]  # open to probes; where the cluster is, only to callers who may list models
+        self.write_json(answer)
 
 
 # -- dashboard (logic and URL layout: dashboard.py) ----------------------------------

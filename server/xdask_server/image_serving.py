@@ -28,6 +28,7 @@ from xdask import config
 from xdask.cluster.supervisor import Supervisor
 from xdask.media_protocol import ImageEditForm, ImageGenerationRequest
 from xdask_server.image_store import ImageStore
+from xdask_server.limits import admit
 from xdask_server.serving import check_model_type
 from xdask_server.stats import RequestStats
 
@@ -55,6 +56,7 @@ class ImageServing:
 
     async def _run(self, uid: str, endpoint: str, op: str, payload: dict[str, Any], response_format: str,
                    base_url: str) -> dict[str, Any]:
+        await admit(self.supervisor, self.stats, uid)
         with self.stats.track(uid, streamed=False):
             record = await self.supervisor._record(uid)
             check_model_type(record, "image", endpoint)

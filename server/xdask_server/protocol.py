@@ -42,6 +42,8 @@ class LaunchModelRequest(BaseModel):
     worker_address: str | None = Field(default=None, max_length=256)
     #: Relaunch replicas lost with a dead worker (default: xdask.cluster.restart-on-failure).
     restart_on_failure: bool | None = None
+    #: Concurrent requests the model admits at each server; more get 429 rate_limit_exceeded (None: no limit).
+    request_limits: int | None = Field(default=None, ge=1)
     #: Let explicit gpu_idx share GPUs already booked by other models.
     allow_shared_gpu: bool = False
     #: Weights already on the worker (a GGUF file or a model folder): nothing is downloaded.

@@ -23,6 +23,7 @@ from typing import Any
 from xdask.cluster.supervisor import Supervisor
 from xdask.protocol import EmbeddingRequest, RerankRequest
 from xdask.responses import embedding_list, rerank_response
+from xdask_server.limits import admit
 from xdask_server.serving import check_model_type
 from xdask_server.stats import RequestStats
 
@@ -36,6 +37,7 @@ class RetrievalServing:
 
     async def _invoke(self, uid: str, model_type: str, endpoint: str, op: str, payload: dict[str, Any],
                       tokens_key: str) -> dict[str, Any]:
+        await admit(self.supervisor, self.stats, uid)
         with self.stats.track(uid, streamed=False) as tracker:
             record = await self.supervisor._record(uid)
             check_model_type(record, model_type, endpoint)

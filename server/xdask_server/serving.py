@@ -20,6 +20,7 @@ from xdask.protocol import internal_request, resolve_max_tokens
 from xdask.registry import list_families
 from xdask.registry.families import type_fact_names
 from xdask.responses import chat_completion, text_completion
+from xdask_server.limits import admit
 from xdask_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -69,6 +70,7 @@ def describe(record: dict[str, Any]) -> dict[str, Any]:
         "replica": len(replicas),
         "state": record["state"],
         "restart_on_failure": record.get("restart_on_failure", True),
+        "request_limits": spec.get("request_limits"),
         "engine": serving[0].get("engine") if serving else None,
         "replicas": [_replica_view(r) for r in replicas],
         "history": record.get("history", []),
@@ -149,6 +151,7 @@ class OpenAIServing:
 
     async def complete(self, req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
         """The whole response body of a chat or completion request."""
+        await admit(self.supervisor, self.stats, req.model)
         with self.stats.track(req.model, streamed=False) as tracker:
             internal = await self._internal(req)
             text: list[str] = []
@@ -170,6 +173,7 @@ class OpenAIServing:
         Closing the iterator early (the client hung up) counts the request as
         cancelled and cancels the generation.
         """
+        await admit(self.supervisor, self.stats, req.model)
         with self.stats.track(req.model, streamed=True) as tracker:
             internal = await self._internal(req)
             chat = isinstance(req, ChatCompletionRequest)

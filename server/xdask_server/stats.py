@@ -1,9 +1,11 @@
 """Per-model request statistics of this server process: counters, in-flight gauges and a sampled history.
 
 What it is for: the dashboard's live charts (queue depth, requests/s, tokens/s,
-latency per model) and, later, a Prometheus ``/metrics`` page, which can read
-the same counters (``ModelStats`` totals are monotonic counters; ``in_flight``
-is a gauge).
+latency per model) and the Prometheus ``/metrics`` page (``xdask_server.metrics``),
+which reads the same counters at scrape time (``ModelStats`` totals are
+monotonic counters, ``in_flight`` is a gauge, the ``*_buckets`` are histogram
+buckets). ``HttpStats`` counts what only the HTTP layer sees: every request
+by route, model and status, 4xx included.
 
 Why it looks like this: it sits on the hot path of every generation request,
 and DESIGN.md asks for near-zero server overhead. The server is one asyncio
@@ -35,6 +37,7 @@ Examples
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import logging
@@ -45,21 +48,37 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from xdask.errors import NotFoundError
+from xdask import config
+from xdask.errors import NotFoundError, RateLimitError
 
 logger = logging.getLogger(__name__)
 
 #: How a request ended.
 OK, ERROR, CANCELLED = "ok", "error", "cancelled"
+#: ``ModelStats.rejected`` reason of a request every replica refused (their queues were full).
+REPLICA_QUEUE = "replica_queue"
+
+
+def _bounds(key: str) -> tuple[float, ...]:
+    """Histogram bucket bounds from ``xdask.metrics.<key>``, sorted."""
+    return tuple(sorted(float(b) for b in config.get(f"metrics.{key}")))
+
+
+def _observe(buckets: list[int], bounds: tuple[float, ...], value: float) -> None:
+    """Count ``value`` in its bucket (``le`` semantics; the last bucket is +Inf)."""
+    buckets[bisect.bisect_left(bounds, value)] += 1
 
 
 @dataclass
 class ModelStats:
     """Counters and gauges of one model at this server.
 
-    ``*_total`` only grow (Prometheus counters); ``in_flight`` is a gauge. The
-    ``_interval_*`` fields collect what happened since the last sample and are
-    reset by ``Sampler`` (never read them elsewhere).
+    ``*_total`` only grow (Prometheus counters); ``in_flight`` is a gauge;
+    ``latency_buckets``/``ttft_buckets`` count requests per histogram bucket
+    of ``RequestStats.latency_bounds``/``ttft_bounds`` (one more for +Inf, not
+    cumulative). ``rejected`` counts requests refused before they started,
+    by reason. The ``_interval_*`` fields collect what happened since the last
+    sample and are reset by ``Sampler`` (never read them elsewhere).
     """
 
     uid: str
@@ -70,6 +89,11 @@ class ModelStats:
     tokens_total: int = 0
     prompt_tokens_total: int = 0
     latency_seconds_total: float = 0.0
+    ttft_seconds_total: float = 0.0
+    ttft_count: int = 0
+    latency_buckets: list[int] = field(default_factory=list)
+    ttft_buckets: list[int] = field(default_factory=list)
+    rejected: dict[str, int] = field(default_factory=dict)
     _interval_requests: int = 0
     _interval_tokens: int = 0
     _interval_peak: int = 0
@@ -94,6 +118,9 @@ class ModelStats:
             "prompt_tokens_total": self.prompt_tokens_total,
             "latency_seconds_total": self.latency_seconds_total,
             "latency_mean": self.latency_seconds_total / done if done else 0.0,
+            "ttft_seconds_total": self.ttft_seconds_total,
+            "ttft_count": self.ttft_count,
+            "rejected": dict(self.rejected),
         }
 
 
@@ -159,6 +186,9 @@ class Tracker:
         if isinstance(exc, NotFoundError) and exc.code == "model_not_found":
             self._stats._forget_unknown(self.uid, self._counted)
             return
+        if isinstance(exc, RateLimitError):  # every replica's queue was full: refused, not served
+            self._stats._refused(self.uid, self._counted, REPLICA_QUEUE)
+            return
         if exc is None:
             outcome = OK
         elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
@@ -173,9 +203,14 @@ class Tracker:
 class RequestStats:
     """The statistics of every model this server has served, keyed by model uid."""
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter,
+                 latency_bounds: tuple[float, ...] | None = None, ttft_bounds: tuple[float, ...] | None = None
+                 ) -> None:
         self.models: dict[str, ModelStats] = {}
         self.clock = clock  # seconds, monotonic; tests pass their own
+        #: Upper bounds of the latency and time-to-first-token histograms (``xdask.metrics.*-buckets``).
+        self.latency_bounds = latency_bounds if latency_bounds is not None else _bounds("latency-buckets")
+        self.ttft_bounds = ttft_bounds if ttft_bounds is not None else _bounds("ttft-buckets")
 
     def track(self, uid: str, streamed: bool) -> Tracker:
         """Start counting one request to model ``uid``; ``with`` it, or call ``finish`` when it ends."""
@@ -186,15 +221,26 @@ class RequestStats:
         self.models.pop(uid, None)
 
     def snapshot(self) -> list[dict[str, Any]]:
-        """Every model's counters and in-flight gauge (what ``/metrics`` would export)."""
+        """Every model's counters and in-flight gauge (what ``/metrics`` exports, histograms aside)."""
         return [m.totals() for m in self.models.values()]
+
+    def in_flight(self, uid: str) -> int:
+        """Requests to ``uid`` this server is serving now."""
+        entry = self.models.get(uid)
+        return entry.in_flight if entry is not None else 0
+
+    def reject(self, uid: str, reason: str) -> None:
+        """A request to ``uid`` (a model that exists) was refused before it started, e.g. ``request_limits``."""
+        rejected = self._entry(uid).rejected
+        rejected[reason] = rejected.get(reason, 0) + 1
 
     # -- called by Tracker (the hot path) --------------------------------
 
     def _entry(self, uid: str) -> ModelStats:
         entry = self.models.get(uid)
         if entry is None:
-            entry = self.models[uid] = ModelStats(uid)
+            entry = self.models[uid] = ModelStats(uid, latency_buckets=[0] * (len(self.latency_bounds) + 1),
+                                                  ttft_buckets=[0] * (len(self.ttft_bounds) + 1))
         return entry
 
     def _begin(self, uid: str) -> None:
@@ -213,15 +259,26 @@ class RequestStats:
         entry.requests_total += 1
         entry.prompt_tokens_total += prompt_tokens
         entry.latency_seconds_total += latency
+        _observe(entry.latency_buckets, self.latency_bounds, latency)
         entry._interval_requests += 1
         entry._interval_latencies.append(latency)
         if ttft is not None:
+            entry.ttft_seconds_total += ttft
+            entry.ttft_count += 1
+            _observe(entry.ttft_buckets, self.ttft_bounds, ttft)
             entry._interval_ttfts.append(ttft)
         if outcome == ERROR:
             entry.errors_total += 1
             entry._interval_errors += 1
         elif outcome == CANCELLED:
             entry.cancelled_total += 1
+
+    def _refused(self, uid: str, tokens: int, reason: str) -> None:
+        entry = self._entry(uid)
+        entry.in_flight -= 1
+        entry.tokens_total -= tokens
+        entry._interval_tokens -= tokens
+        entry.rejected[reason] = entry.rejected.get(reason, 0) + 1
 
     def _forget_unknown(self, uid: str, tokens: int) -> None:
         entry = self.models.get(uid)
@@ -230,8 +287,52 @@ class RequestStats:
         entry.in_flight -= 1
         entry.tokens_total -= tokens
         entry._interval_tokens -= tokens
-        if entry.requests_total == 0 and entry.in_flight == 0:
+        if entry.requests_total == 0 and entry.in_flight == 0 and not entry.rejected:
             del self.models[uid]
+
+
+@dataclass
+class RouteStats:
+    """One route's HTTP figures: requests by (model, status), and a duration histogram."""
+
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)
+    duration_buckets: list[int] = field(default_factory=list)
+    duration_seconds_total: float = 0.0
+    count: int = 0
+
+
+class HttpStats:
+    """Every HTTP request this server answered, by route pattern, model and status code.
+
+    What only the HTTP layer sees (400s, 404s, 413s, 429s, the management
+    API); the per-model serving figures stay in ``RequestStats``. Labels are
+    bounded: ``endpoint`` is the route's pattern (``/v1/models/{uid}``), never
+    the raw path, and ``model`` is empty unless the caller vouches that the
+    uid is a running model, so hostile requests cannot grow the table.
+    ``status`` 499 marks a client that hung up before the answer was complete.
+
+    Examples
+    --------
+    >>> http = HttpStats(bounds=(0.1, 1.0))
+    >>> http.record("/v1/chat/completions", "gemma", 200, 0.4)
+    >>> http.routes["/v1/chat/completions"].requests, http.routes["/v1/chat/completions"].duration_buckets
+    ({('gemma', 200): 1}, [0, 1, 0])
+    """
+
+    def __init__(self, bounds: tuple[float, ...] | None = None) -> None:
+        self.bounds = bounds if bounds is not None else _bounds("latency-buckets")
+        self.routes: dict[str, RouteStats] = {}
+
+    def record(self, endpoint: str, model: str, status: int, seconds: float) -> None:
+        """Count one finished request (a few dict and list updates: the hot path)."""
+        route = self.routes.get(endpoint)
+        if route is None:
+            route = self.routes[endpoint] = RouteStats(duration_buckets=[0] * (len(self.bounds) + 1))
+        key = (model, status)
+        route.requests[key] = route.requests.get(key, 0) + 1
+        route.count += 1
+        route.duration_seconds_total += seconds
+        _observe(route.duration_buckets, self.bounds, seconds)
 
 
 def percentile(values: list[float], q: float) -> float:

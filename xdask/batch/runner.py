@@ -50,6 +50,7 @@ from xdask.errors import (
     InvalidRequestError,
     ModelNotReadyError,
     NotFoundError,
+    RateLimitError,
     RequestTimeoutError,
     XdaskError,
 )
@@ -152,7 +153,7 @@ async def run_item(router: Router, uid: str, kind: str, body: Any, retries: int,
             return {"response": response, "error": None, "attempts": attempts}
         except TimeoutError:
             return error_outcome(RequestTimeoutError(f"The model took longer than {timeout} s"), attempts)
-        except ModelNotReadyError as exc:  # lost replica or worker, or none ready yet: worth another try
+        except (ModelNotReadyError, RateLimitError) as exc:  # lost, not ready yet or full: worth another try
             if attempts > retries:
                 return error_outcome(exc, attempts)
             await asyncio.sleep(min(backoff * 2 ** (attempts - 1), 30.0))

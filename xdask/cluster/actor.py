@@ -37,7 +37,9 @@ from xdask.engines.base import Delta
 from xdask.errors import (
     InvalidRequestError,
     LaunchCancelledError,
+    ModelLoadError,
     ModelNotReadyError,
+    RateLimitError,
     XdaskError,
 )
 from xdask.hub import locate_model
@@ -91,6 +93,12 @@ class ModelActor:
             if progress.cancelled:  # cancelled while the engine loaded: a load cannot be stopped halfway
                 self.engine.close()
                 raise LaunchCancelledError(f"The launch of {uid} was cancelled")
+        except ModelLoadError as exc:
+            self._ledger.release(self._holder)
+            if launch.get("model_path"):  # the client's file (not a model, or not this engine's format): 400
+                raise InvalidRequestError(f"model_path {launch['model_path']!r} could not be loaded: {exc.message}",
+                                          param="model_path", code="model_path_unloadable") from exc
+            raise
         except BaseException:
             self._ledger.release(self._holder)
             raise
@@ -103,23 +111,57 @@ class ModelActor:
         self._in_flight = 0  # requests being streamed
         self._generating = 0  # engine jobs still running (a cancelled one ends at its next token)
         self._requests_total = 0  # requests taken since load (how routing spread them)
+        # Requests held beyond the engine's slots (None: no bound); the supervisor fixed it at launch.
+        queue = launch.get("replica_queue")
+        self._queue_limit: int | None = None if queue is None else max(0, int(queue))
         install_stream_handler(worker)
+        install_stats_handler(worker)
         logger.info("Model %s/%s loaded from %s on GPU %s with %s", uid, self.replica_id, self.model_path,
                     self.gpu_idx, self.engine.describe())
+
+    def figures(self) -> dict[str, Any]:
+        """The load figures (cheap: no engine call): what ``/metrics`` and the health check read.
+
+        ``queued`` is what waits for one of the engine's ``max_concurrency``
+        slots; ``queue_limit`` bounds it (None: no bound).
+        """
+        return {
+            "model_uid": self.uid,
+            "replica_id": self.replica_id,
+            "in_flight": self._in_flight,
+            "queued": max(0, self._in_flight - self.engine.max_concurrency),
+            "queue_limit": self._queue_limit,
+            "requests_total": self._requests_total,
+            "generating": self._generating,
+            "max_concurrency": self.engine.max_concurrency,
+        }
 
     async def describe(self) -> dict[str, Any]:
         """What runs here: engine facts, path and in-flight request count."""
         return {
-            "model_uid": self.uid,
-            "replica_id": self.replica_id,
+            **self.figures(),
             "gpu_idx": self.gpu_idx,
             "model_path": self.model_path,
-            "in_flight": self._in_flight,
-            "requests_total": self._requests_total,
-            "generating": self._generating,
-            "max_concurrency": self.engine.max_concurrency,
             **self.engine.describe(),
         }
+
+    def _admit(self) -> None:
+        """Refuse a request when shutting down (503) or when the replica's queue is full (429).
+
+        Why refuse rather than queue without end: a replica whose slots are
+        all busy would hold every further request in memory, on the worker
+        and on the server, and each would time out eventually; a 429 lets the
+        router try another replica and the client back off.
+        """
+        if self._closed:
+            raise ModelNotReadyError(f"Model {self.uid} is shutting down")
+        limit = self._queue_limit
+        if limit is not None and self._in_flight >= self.engine.max_concurrency + limit:
+            raise RateLimitError(
+                f"Replica {self.replica_id} of {self.uid} is full: {self._in_flight} requests for "
+                f"{self.engine.max_concurrency} slots and a queue of {limit} (xdask.limits.replica-queue)",
+                code="replica_queue_full",
+            )
 
     async def stream(self, request: dict[str, Any], incremental: bool = True) -> AsyncIterator[list[Delta]]:
         """Generate for ``request``, yielding whatever deltas are ready each time.
@@ -130,8 +172,7 @@ class ModelActor:
         (``aclose``) tells the engine to stop at its next token either way, so
         a client that hangs up stops using the model.
         """
-        if self._closed:
-            raise ModelNotReadyError(f"Model {self.uid} is shutting down")
+        self._admit()
         if not hasattr(self.engine, "generate"):
             raise InvalidRequestError(
                 f"Model {self.uid} is a {self.resolved.family.model_type} model: it does not generate text",
@@ -156,7 +197,8 @@ class ModelActor:
         self._in_flight += 1
         self._requests_total += 1
         self._generating += 1
-        job = loop.run_in_executor(self._pool, self.engine.generate, prompt, params, emit)
+        work = self._pool.submit(self.engine.generate, prompt, params, emit)
+        job = asyncio.wrap_future(work, loop=loop)
         job.add_done_callback(self._job_done)
         try:
             while True:
@@ -175,6 +217,8 @@ class ModelActor:
                     return
         finally:
             cancelled.set()
+            # Still waiting for a thread (every slot busy): it never runs. A running one stops at its next token.
+            work.cancel()
             self._in_flight -= 1
 
     async def invoke(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -183,8 +227,7 @@ class ModelActor:
         Embeddings, rerank, images and audio come here (``xdask.engines.TaskEngine``);
         the engine batches concurrent calls itself where it can.
         """
-        if self._closed:
-            raise ModelNotReadyError(f"Model {self.uid} is shutting down")
+        self._admit()
         op = request.get("op")
         ops = getattr(self.engine, "ops", frozenset())
         if op not in ops:
@@ -245,6 +288,30 @@ class ModelActor:
         gc.collect()
         logger.info("Model %s shut down", self.uid)
         return True
+
+
+#: The worker op that returns the figures of every model actor on the worker, by actor key.
+STATS_OP = "xdask_replica_stats"
+
+
+def replica_figures(worker: Any) -> dict[str, dict[str, Any]]:
+    """``ModelActor.figures`` of each model actor of ``worker``, keyed by actor key."""
+    return {key: actor.figures() for key, actor in list(worker.state.actors.items())
+            if isinstance(actor, ModelActor)}
+
+
+def install_stats_handler(worker: Any) -> None:
+    """Add the ``xdask_replica_stats`` op to a worker (idempotent).
+
+    The scheduler's registry calls it for the health check and for
+    ``/metrics``: one small message per worker, answered from the worker's
+    event loop without touching the engines.
+    """
+    if STATS_OP not in worker.handlers:
+        def handle() -> dict[str, dict[str, Any]]:
+            return replica_figures(worker)
+
+        worker.handlers[STATS_OP] = handle
 
 
 def error_payload(exc: BaseException) -> dict[str, Any]:

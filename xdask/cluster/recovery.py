@@ -8,6 +8,11 @@ model with ``restart_on_failure`` asks the registry to place it again
 then loads it like a first launch. A replica that finds no room, or fails to
 load, is retried with a backoff; when a worker joins or comes back,
 placement can use it again.
+
+With ``xdask.health-check.disable`` (``XDASK_DISABLE_HEALTH_CHECK=1``) the
+loop still refreshes the server's view of the registry but relaunches
+nothing: lost replicas stay lost, and ``/v1/cluster/health`` and ``/readyz``
+report them.
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ class Recovery:
             await asyncio.sleep(interval)
 
     def _schedule(self, records: list[dict[str, Any]]) -> None:
+        if config.get("health-check.disable"):
+            return
         now = time.monotonic()
         live = set()
         for record in records:

@@ -13,6 +13,16 @@ call on the scheduler's event loop, so two launches can never race for one
 index. When a worker dies, ``remove_worker`` marks its replicas lost within
 milliseconds; a server relaunches them through ``xdask_claim_relaunch``.
 
+The health check runs here too, once per cluster whatever the number of
+servers: every ``xdask.health-check.interval`` seconds it asks each worker
+with ready replicas for its actors' figures (``xdask_replica_stats``, one
+small message per worker, with the interval as timeout); a replica missing
+from the answers ``xdask.health-check.attempts`` times in a row (a hung
+worker or actor, which Dask notices only after its worker TTL) is marked
+lost like a dead worker's, and relaunched by a server if its model says
+``restart_on_failure``. ``xdask.health-check.disable`` turns the probes off.
+The same collection answers ``xdask_replica_stats`` for ``/metrics``.
+
 Examples
 --------
 >>> from distributed import Client                             # doctest: +SKIP
@@ -24,14 +34,16 @@ Examples
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from xdask import config
 from xdask.cluster.placement import PlacementRequest, WorkerView, place_replicas
 from xdask.errors import XdaskError
 
@@ -83,10 +95,15 @@ class ModelRegistry(SchedulerPlugin):
     def __init__(self) -> None:
         self.records: dict[str, dict[str, Any]] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=_HISTORY)
+        #: How many times each event (placed, ready, relaunched, launch_failed, lost, unhealthy, ...) happened.
+        self.event_counts: Counter[str] = Counter()
         self.scheduler: Any = None
+        self._health_task: asyncio.Task[None] | None = None
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
+        if not config.get("health-check.disable") and self._health_task is None:
+            self._health_task = asyncio.create_task(self._health_loop(), name="xdask-health-check")
         scheduler.handlers.update(
             {
                 "xdask_place": self.place,
@@ -99,8 +116,16 @@ class ModelRegistry(SchedulerPlugin):
                 "xdask_gpu_bookings": self.gpu_bookings,
                 "xdask_workers": self.workers,
                 "xdask_cluster_events": self.cluster_events,
+                "xdask_replica_stats": self.replica_stats,
             }
         )
+
+    async def close(self) -> None:
+        task, self._health_task = self._health_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     # -- placement and launch --------------------------------------------
 
@@ -293,6 +318,97 @@ class ModelRegistry(SchedulerPlugin):
     def cluster_events(self) -> list[dict[str, Any]]:
         return list(self.events)
 
+    # -- replica figures and the health check ---------------------------------
+
+    async def _collect(self, timeout: float) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Ask every worker with ready replicas for its actors' figures, each within ``timeout``.
+
+        Returns the figures by actor key and, for workers that did not
+        answer, why.
+        """
+        addresses = sorted({rep["address"] for record in self.records.values() for rep in record["replicas"]
+                            if rep["state"] == "ready" and rep.get("actor_key") and rep["address"]})
+
+        async def ask(address: str) -> dict[str, dict[str, Any]]:
+            return await asyncio.wait_for(self.scheduler.rpc(address).xdask_replica_stats(), timeout)
+
+        answers = await asyncio.gather(*(ask(a) for a in addresses), return_exceptions=True)
+        figures: dict[str, dict[str, Any]] = {}
+        failed: dict[str, str] = {}
+        for address, answer in zip(addresses, answers, strict=True):
+            if isinstance(answer, dict):
+                figures.update(answer)
+            elif isinstance(answer, BaseException) and not isinstance(answer, Exception):
+                raise answer  # cancelled: the scheduler is closing
+            elif isinstance(answer, TimeoutError):
+                failed[address] = f"no answer within {timeout:.1f} s"
+            else:
+                failed[address] = f"{type(answer).__name__}: {answer}"
+        return figures, failed
+
+    async def replica_stats(self, timeout: float = 2.0) -> dict[str, Any]:
+        """Every replica with its actor's live figures (None when its worker did not answer), and event counts.
+
+        What ``/metrics`` reads at scrape time: one call to the scheduler,
+        one small message per worker, bounded by ``timeout``.
+        """
+        figures, failed = await self._collect(float(timeout))
+        replicas = []
+        for uid, record in self.records.items():
+            for rep in record["replicas"]:
+                key = rep.get("actor_key")
+                replicas.append({
+                    "model_uid": uid, "replica_id": rep["replica_id"], "address": rep["address"],
+                    "state": rep["state"], "figures": figures.get(key) if key else None,
+                    "failed_probes": rep.get("failed_probes", 0),
+                })
+        return {"replicas": replicas, "events": dict(self.event_counts), "unreachable": failed}
+
+    async def _health_loop(self) -> None:
+        while True:
+            interval = max(0.05, float(config.get("health-check.interval")))
+            await asyncio.sleep(interval)
+            try:
+                await self.health_round(interval, max(1, int(config.get("health-check.attempts"))))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bad round must not end the health check
+                logger.exception("Health check round failed")
+
+    async def health_round(self, timeout: float, attempts: int) -> list[tuple[str, int]]:
+        """Probe every ready replica once; returns the replicas marked lost by this round.
+
+        A replica's ``failed_probes`` counts the probes it failed in a row
+        (reported by ``/v1/cluster/health``); an answer resets it.
+        """
+        started = time.time()
+        figures, failed = await self._collect(timeout)
+        lost = []
+        for uid, record in list(self.records.items()):
+            for rep in record["replicas"]:
+                key = rep.get("actor_key")
+                if rep["state"] != "ready" or not key or rep["since"] > started:  # ready since: not probed
+                    continue
+                if key in figures:
+                    rep.pop("failed_probes", None)
+                    continue
+                if self.records.get(uid) is not record or rep.get("actor_key") != key:
+                    continue  # removed or replaced while the probes ran
+                why = failed.get(rep["address"], "its actor is gone from the worker")
+                count = rep["failed_probes"] = rep.get("failed_probes", 0) + 1
+                logger.warning("Health check of %s/%s on %s failed (%d of %d): %s", uid, rep["replica_id"],
+                               rep["address"], count, attempts, why)
+                if count < attempts:
+                    continue
+                rep.pop("failed_probes", None)
+                rep.update(state="lost", since=time.time(), actor_key=None,
+                           error=f"health check failed {count} times: {why}")
+                self._note(uid, rep["replica_id"], "unhealthy", f"{rep['address']}: {why}")
+                self._refresh(record)
+                self._release([key], f"xdask-unhealthy-{time.time()}")
+                lost.append((uid, rep["replica_id"]))
+        return lost
+
     # -- scheduler events ---------------------------------------------------
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
@@ -336,6 +452,7 @@ class ModelRegistry(SchedulerPlugin):
         if record is None:
             return
         entry = {"time": time.time(), "replica_id": replica_id, "event": event, "detail": detail}
+        self.event_counts[event] += 1
         record["history"].append(entry)
         del record["history"][:-_HISTORY]
         self.events.append({**entry, "model_uid": uid})

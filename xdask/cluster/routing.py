@@ -7,9 +7,11 @@ kept in memory (no call on the hot path); with several servers each balances
 its own share.
 
 A request whose replica turns out to be gone before it produced anything
-(the worker died, the actor was removed) is retried once per other ready
-replica; one that already streamed text ends with the 503, since the client
-has seen part of an answer.
+(the worker died, the actor was removed) or full (its queue bound,
+``xdask.limits.replica-queue``, reached: 429) is retried once per other
+ready replica; one that already streamed text ends with the 503, since the
+client has seen part of an answer. When every replica was full, the 429
+goes to the client.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from xdask.cluster.stream import open_stream
-from xdask.errors import ModelNotReadyError, WorkerLostError
+from xdask.errors import ModelNotReadyError, RateLimitError, WorkerLostError
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +51,15 @@ class Router:
         """Route one generation request and yield the worker's messages."""
         record = await self._get_record(uid, False)
         tried: set[str] = set()
+        full: RateLimitError | None = None  # the last replica that refused for a full queue
         while True:
             rep = self.pick(record, tried)
             if rep is None and not tried:
                 record = await self._get_record(uid, True)  # the cached record may be stale
                 rep = self.pick(record, tried)
             if rep is None:
+                if full is not None:
+                    raise full
                 if tried:
                     raise WorkerLostError(f"Model {uid}: its replicas became unreachable; retry shortly",
                                           code="replica_lost")
@@ -69,6 +74,11 @@ class Router:
                     produced = True
                     yield msg
                 return
+            except RateLimitError as exc:
+                if produced or exc.code != "replica_queue_full":
+                    raise
+                tried.add(key)
+                full = exc
             except ModelNotReadyError as exc:
                 gone = isinstance(exc, WorkerLostError) or exc.code == "model_gone"
                 if produced or not gone:

@@ -37,6 +37,7 @@ from xdask.errors import (
     InvalidRequestError,
     ModelNotReadyError,
     NotFoundError,
+    RateLimitError,
     RequestTimeoutError,
     WorkerLostError,
     XdaskError,
@@ -149,6 +150,7 @@ _ERRORS: dict[int, type[XdaskError]] = {
     400: InvalidRequestError,
     404: NotFoundError,
     409: ConflictError,
+    429: RateLimitError,
     503: ModelNotReadyError,
     504: RequestTimeoutError,
 }

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import pathlib
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -75,6 +76,8 @@ class Supervisor:
         self._hosts: tuple[float, dict[str, dict[str, Any]]] | None = None
         self._hosts_ttl = 30.0
         self._dask_dashboard: tuple[float, str | None] | None = None
+        #: Model launches through this supervisor by outcome (``ok``, ``failed``): ``/metrics`` reads it.
+        self.launches: Counter[str] = Counter()
         self.router = Router(client.rpc, self._get_record)
         self.recovery = Recovery(client, self._refresh_cache, self._excluded_for, self.gpu_free)
         if watch:
@@ -133,6 +136,23 @@ class Supervisor:
                 rep["engine"] = info
         return record
 
+    def cached_records(self) -> list[dict[str, Any]]:
+        """The registry records as this server last read them (no call; refreshed by the watch loop)."""
+        return [record for _, record in self._cache.values()]
+
+    def knows(self, uid: str) -> bool:
+        """Whether ``uid`` is a model this server knows of now (no call): bounds metric labels."""
+        return uid in self._cache
+
+    async def replica_stats(self, timeout: float | None = None) -> dict[str, Any]:
+        """Each replica's live figures from its worker (``ModelRegistry.replica_stats``), within ``timeout``.
+
+        ``timeout`` (default ``xdask.metrics.worker-timeout``) bounds each
+        worker's answer; the scheduler call itself gets one more second.
+        """
+        wait = float(config.get("metrics.worker-timeout") if timeout is None else timeout)
+        return await asyncio.wait_for(self.client.scheduler.xdask_replica_stats(timeout=wait), wait + 1.0)
+
     def known_models(self) -> list[str]:
         """The uids of the models this server knows of now, without asking the scheduler.
 
@@ -186,13 +206,25 @@ class Supervisor:
         return link
 
     async def health(self) -> dict[str, Any]:
-        """``GET /v1/cluster/health``: ``ok`` when the scheduler, workers and every replica are fine."""
+        """``GET /v1/cluster/health``: ``ok`` when the scheduler, workers and every replica are fine.
+
+        A replica that is not ready is a problem (with its error: a failed
+        launch, a dead worker, failed health checks), and so is a ready one
+        that failed its last health probes (``failed_probes`` of
+        ``xdask.health-check.attempts``). ``health_check`` says whether the
+        health check and relaunches run.
+        """
+        timeout = float(config.get("health-check.timeout"))
+        disabled = bool(config.get("health-check.disable"))
+        attempts = int(config.get("health-check.attempts"))
         try:
-            identity = await asyncio.wait_for(self.client.scheduler.identity(), 5)
-            records = await asyncio.wait_for(self.client.scheduler.xdask_models(), 5)
+            identity = await asyncio.wait_for(self.client.scheduler.identity(), timeout)
+            records = await asyncio.wait_for(self.client.scheduler.xdask_models(), timeout)
         except (OSError, TimeoutError) as exc:
+            why = str(exc) or f"no answer within {timeout:g} s"
             return {"status": "down", "scheduler": self.client.scheduler.address, "workers": 0, "models": {},
-                    "problems": [f"scheduler unreachable: {exc}"]}
+                    "ready_models": 0, "health_check": not disabled, "problems": [f"scheduler unreachable: {why}"]}
+        self._refresh_cache(records)
         problems = []
         workers = identity.get("workers", {})
         if not workers:
@@ -201,11 +233,20 @@ class Supervisor:
         for record in records:
             states[record["state"]] = states.get(record["state"], 0) + 1
             for rep in record["replicas"]:
+                where = f"{record['model_uid']} replica {rep['replica_id']}"
                 if rep["state"] != "ready" and record["state"] != "launching":
-                    problems.append(f"{record['model_uid']} replica {rep['replica_id']} is {rep['state']}"
-                                    + (f" ({rep['error']})" if rep.get("error") else ""))
+                    relaunch = ""
+                    if rep["state"] == "lost" and (disabled or not record.get("restart_on_failure")):
+                        relaunch = ", not relaunched: " + ("the health check is disabled" if disabled
+                                                          else "restart_on_failure is off")
+                    problems.append(f"{where} is {rep['state']}"
+                                    + (f" ({rep['error']}{relaunch})" if rep.get("error") else
+                                       f" ({relaunch[2:]})" if relaunch else ""))
+                elif rep.get("failed_probes"):
+                    problems.append(f"{where} failed {rep['failed_probes']} of {attempts} health checks in a row")
         return {"status": "ok" if not problems else "degraded", "scheduler": identity.get("address"),
-                "workers": len(workers), "models": states, "problems": problems}
+                "workers": len(workers), "models": states, "ready_models": states.get("ready", 0)
+                + states.get("degraded", 0), "health_check": not disabled, "problems": problems}
 
     # -- engines -------------------------------------------------------------
 
@@ -323,6 +364,15 @@ class Supervisor:
         If any replica fails to load, the others are stopped and the launch
         fails with that replica's error: a launch is all or nothing.
         """
+        try:
+            uid = await self._launch(request)
+        except BaseException:
+            self.launches["failed"] += 1
+            raise
+        self.launches["ok"] += 1
+        return uid
+
+    async def _launch(self, request: dict[str, Any]) -> str:
         model_name = request.get("model_name")
         if not model_name:
             raise InvalidRequestError("model_name is required", param="model_name")
@@ -361,6 +411,8 @@ class Supervisor:
             "model_family": family.model_family or family.model_name,
             "context_length": getattr(family, "context_length", None),
             "engine_kwargs": engine_kwargs,
+            # Concurrent requests to this model each server admits (None: no limit); more get 429.
+            "request_limits": _request_limits(request.get("request_limits")),
             # Type-specific facts clients read from GET /v1/models/{uid} (dimensions, max_tokens, ...).
             **type_facts(family),
         }
@@ -372,6 +424,8 @@ class Supervisor:
             "allow_shared_gpu": placement.allow_shared_gpu,
             # Checked here so that a wrong name fails the launch before any replica is placed.
             "download_hub": preferred_hub(request["download_hub"]) if request.get("download_hub") else None,
+            # Requests each replica holds beyond its engine's slots (None: no bound), fixed for the model's life.
+            "replica_queue": config.get("limits.replica-queue"),
         }
         restart = request.get("restart_on_failure")
         placed = await self.client.scheduler.xdask_place(
@@ -485,6 +539,16 @@ class Supervisor:
     def stream(self, uid: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Route one generation request to the least-loaded ready replica and yield its messages."""
         return self.router.stream(uid, request)
+
+
+def _request_limits(value: Any) -> int | None:
+    """A launch's ``request_limits``: None or a positive integer (400 otherwise)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequestError("request_limits must be a positive integer (concurrent requests) or null",
+                                  param="request_limits")
+    return value
 
 
 def _host(address: str) -> str:

@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 from typing import Any
 
-from xdask.errors import ModelLoadError, XdaskError
+from xdask.errors import InvalidRequestError, ModelLoadError, XdaskError
 from xdask.hub.cache import is_complete, mark_complete
 from xdask.hub.download import cache_folder, download_model, preferred_hub
 from xdask.hub.progress import LaunchProgress
@@ -151,8 +151,9 @@ def locate_model(resolved: ResolvedModel, model_path: str | None = None, *, down
     """
     if model_path:
         path = pathlib.Path(model_path).expanduser()
-        if not path.exists():
-            raise ModelLoadError(f"model_path {model_path!r} does not exist on this worker", param="model_path")
+        if not path.exists():  # the client's mistake (a typo, a path of another machine): 400
+            raise InvalidRequestError(f"model_path {model_path!r} does not exist on this worker",
+                                      param="model_path", code="model_path_not_found")
         return path
     local = getattr(resolved, "local_path", lambda: None)()  # a custom family's model_uri: nothing to fetch
     if local is not None:

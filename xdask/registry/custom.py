@@ -106,6 +106,9 @@ def parse_family(model_type: str, model: str | dict[str, Any]) -> AnyFamily:
             model = json.loads(model)
         except json.JSONDecodeError as exc:
             raise InvalidRequestError(f"The model spec is not valid JSON: {exc}", param="model") from exc
+        except (RecursionError, ValueError) as exc:  # nested thousands deep, or a 5000-digit number
+            raise InvalidRequestError(f"The model spec is not JSON xdask reads: {type(exc).__name__}",
+                                      param="model") from None
     if not isinstance(model, dict):
         raise InvalidRequestError("The model spec must be a JSON object", param="model")
     declared = model.get("model_type")
@@ -198,7 +201,7 @@ def unregister(model_type: str, model_name: str) -> None:
     if model_name in builtin_families(model_type):
         raise InvalidRequestError(f"{model_name!r} is a built-in model and cannot be unregistered",
                                   param="model_name")
-    if not MODEL_NAME_RE.match(model_name):  # never a path outside the registrations folder
+    if not MODEL_NAME_RE.match(model_name) or len(model_name) > 100:  # never a path outside the folder (or too long)
         raise NotFoundError(f"No custom {model_type} model called {model_name!r} is registered",
                             param="model_name")
     path = registrations_dir(model_type) / f"{model_name}.json"
