@@ -10,45 +10,14 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
-import subprocess
 
 import dask.config
 from distributed import LocalCluster
 
 from xdask import config
+from xdask.engines.host import CUDA_VISIBLE_DEVICES, detect_gpu_count, visible_devices
 
 logger = logging.getLogger(__name__)
-
-
-def detect_gpu_count() -> int:
-    """NVIDIA GPUs this process may use: ``nvidia-smi -L``, narrowed by ``CUDA_VISIBLE_DEVICES``.
-
-    Why both: ``nvidia-smi`` lists every GPU of the machine whatever
-    ``CUDA_VISIBLE_DEVICES`` says, while CUDA (and so every engine) sees only
-    the listed ones; a worker started with ``CUDA_VISIBLE_DEVICES=1`` owns one
-    GPU. When the variable is set, the count is its number of entries (indices
-    or UUIDs; CUDA stops at the first negative index, so ``-1`` or an empty
-    value means none), capped by what ``nvidia-smi`` sees; without
-    ``nvidia-smi`` it is 0, since the variable alone does not prove a GPU.
-    """
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return 0
-    try:
-        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=10, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    found = sum(1 for line in out.splitlines() if line.startswith("GPU "))
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return found
-    entries = 0
-    for entry in visible.replace(" ", "").split(","):
-        if not entry or entry.startswith("-"):
-            break
-        entries += 1
-    return min(entries, found)
 
 
 def dashboard_address(setting: str | int | None, host: str) -> str | None:
@@ -73,12 +42,21 @@ def dashboard_address(setting: str | int | None, host: str) -> str | None:
 def split_gpus(n_gpu: int, n_workers: int, visible: str | None = None) -> list[list[str]]:
     """The GPUs each of ``n_workers`` local workers gets, as ``CUDA_VISIBLE_DEVICES`` entries.
 
-    Round robin over this process's visible GPUs (``visible``, default
-    ``CUDA_VISIBLE_DEVICES``, else ``0..n_gpu-1``): with one GPU and two
-    workers, the second worker gets none rather than a second claim on GPU 0.
+    Round robin over the first ``n_gpu`` of this process's visible GPUs
+    (``visible``, default ``CUDA_VISIBLE_DEVICES``, read as CUDA reads it),
+    or over ``0..n_gpu-1`` when that lists none: ``n_gpu`` comes from
+    ``detect_gpu_count``, which has applied the variable already. With one
+    GPU and two workers, the second worker gets none rather than a second
+    claim on GPU 0.
+
+    Examples
+    --------
+    >>> split_gpus(3, 2, "4,5,6")
+    [['4', '6'], ['5']]
+    >>> split_gpus(2, 2, "")
+    [['0'], ['1']]
     """
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
-    entries = [e for e in (visible or "").replace(" ", "").split(",") if e] if visible else []
+    entries = visible_devices(os.environ.get(CUDA_VISIBLE_DEVICES) if visible is None else visible)
     ids = entries[:n_gpu] if entries else [str(i) for i in range(n_gpu)]
     return [ids[i::n_workers] for i in range(n_workers)]
 
@@ -115,7 +93,7 @@ async def start_local_cluster(
         for i, ids in enumerate(split_gpus(n_gpu, k)):
             spec = copy.deepcopy(template)
             options = spec["options"]
-            options["env"] = {**(options.get("env") or {}), "CUDA_VISIBLE_DEVICES": ",".join(ids)}
+            options["env"] = {**(options.get("env") or {}), CUDA_VISIBLE_DEVICES: ",".join(ids)}
             options["resources"] = {"GPU": len(ids)} if ids else None
             cluster.worker_spec[f"xdask-{i}"] = spec
         await cluster._correct_state()  # start the workers just specified (SpecCluster's own step)

@@ -37,12 +37,10 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 
+from xdask.engines.host import CUDA_VISIBLE_DEVICES, visible_devices
 from xdask.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
-
-#: The variable CUDA (and the libraries that mirror it) reads at initialisation.
-CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 
 # os.environ is one per process: two engines starting at once in one worker
 # must not see (or restore) each other's value.
@@ -73,17 +71,14 @@ def normalize_gpu_idx(gpu_idx: Sequence[int] | None) -> list[int] | None:
     return idx
 
 
-def _entries(base: str) -> list[str]:
-    return [entry.strip() for entry in base.split(",") if entry.strip()]
-
-
 def cuda_visible_devices(gpu_idx: list[int], base: str | None = None) -> str:
     """The ``CUDA_VISIBLE_DEVICES`` value that shows a child process exactly ``gpu_idx``.
 
     ``gpu_idx`` are ordinals in this process's view; a child resolves the
     variable against the physical devices, so each ordinal is mapped through
-    ``base`` (default: this process's ``CUDA_VISIBLE_DEVICES``). Its entries
-    may be ids or UUIDs (``GPU-...``, ``MIG-...``) and are passed on verbatim.
+    ``base`` (default: this process's ``CUDA_VISIBLE_DEVICES``), read as CUDA
+    reads it (``host.visible_devices``: up to its first invalid entry). Its
+    entries may be ids or UUIDs (``GPU-...``, ``MIG-...``) and are passed on verbatim.
     With ``base`` unset the ordinals are physical ids already. ``[]`` gives
     ``""``: no GPU at all. An ordinal this process cannot see is a 400, since
     placement (or a user's ``gpu_idx``) named a device the worker does not have.
@@ -92,6 +87,8 @@ def cuda_visible_devices(gpu_idx: list[int], base: str | None = None) -> str:
     --------
     >>> cuda_visible_devices([2, 3], base="0,1,2,3")
     '2,3'
+    >>> cuda_visible_devices([0], base="3,-1,4")
+    '3'
     >>> cuda_visible_devices([2], base="0,1")
     Traceback (most recent call last):
     ...
@@ -99,7 +96,7 @@ def cuda_visible_devices(gpu_idx: list[int], base: str | None = None) -> str:
     """
     if base is None:
         base = os.environ.get(CUDA_VISIBLE_DEVICES)
-    entries = None if base is None else _entries(base)
+    entries = visible_devices(base)
     for i in gpu_idx:
         if i < 0 or (entries is not None and i >= len(entries)):
             seen = "none" if not entries else f"from 0 to {len(entries) - 1}"

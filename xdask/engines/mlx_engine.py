@@ -42,6 +42,7 @@ from xdask.errors import (
     ModelLoadError,
     XdaskError,
 )
+from xdask.registry.specs import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class MLXEngine:
 
     Examples
     --------
-    >>> eng = make_engine("/models/qwen2.5-0.5b", 32768, {"max_batch_size": 8})
+    >>> eng = build_engine("/models/qwen2.5-0.5b", 32768, {"max_batch_size": 8})
     >>> eng.load()  # doctest: +SKIP
     >>> eng.generate("Hello", SamplingParams(max_tokens=8, temperature=0), print)  # doctest: +SKIP
     >>> eng.close()
@@ -488,20 +489,26 @@ def _on_generated(processor: Any, prompt_len: int) -> Any:
     return apply
 
 
-def make_engine(
+def build_engine(
     model_path: str, context_length: int, kwargs: dict[str, Any], gpu_idx: list[int] | None = None
 ) -> MLXEngine:
-    """Validate launch ``kwargs`` and build the engine (not loaded).
+    """Validate launch ``kwargs`` and build the engine (not loaded) for a model folder and a context length.
 
     ``gpu_idx`` is ignored: MLX has one device (Metal on Apple silicon, else
     the CPU), which CUDA ordinals do not name.
 
     Examples
     --------
-    >>> make_engine("/models/tiny", 2048, {"max_batch_size": 4}).max_concurrency
+    >>> build_engine("/models/tiny", 2048, {"max_batch_size": 4}).max_concurrency
     8
     """
     gpu_idx = normalize_gpu_idx(gpu_idx)
     if gpu_idx:
         logger.debug("MLX runs on Metal or the CPU; GPU indices %s booked for it are ignored", gpu_idx)
     return MLXEngine(model_path, MLXOptions.from_kwargs("mlx", kwargs), context_length, gpu_idx)
+
+
+def make_engine(resolved: ResolvedModel, model_path: str, kwargs: dict[str, Any],
+                gpu_idx: list[int] | None = None) -> MLXEngine:
+    """The engine table's entry point: ``build_engine`` with the family's context length."""
+    return build_engine(model_path, resolved.context_length, kwargs, gpu_idx)

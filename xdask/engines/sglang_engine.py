@@ -95,6 +95,7 @@ from xdask.errors import (
     ModelNotReadyError,
     XdaskError,
 )
+from xdask.registry.specs import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
@@ -510,7 +511,7 @@ class SGLangEngine:
 
     Examples
     --------
-    >>> eng = make_engine("/models/qwen2.5-0.5b", 32768, {"mem_fraction_static": 0.5})  # doctest: +SKIP
+    >>> eng = build_engine("/models/qwen2.5-0.5b", 32768, {"mem_fraction_static": 0.5})  # doctest: +SKIP
     >>> eng.load()  # doctest: +SKIP
     >>> eng.generate("Hello", SamplingParams(max_tokens=8), print)  # doctest: +SKIP
     >>> eng.close()  # doctest: +SKIP
@@ -755,16 +756,16 @@ class SGLangEngine:
             logger.warning("SGLang could not abort request %s: %r", request.rid, exc)
 
 
-def make_engine(
+def build_engine(
     model_path: str, context_length: int, kwargs: dict[str, Any], gpu_idx: list[int] | None = None
 ) -> SGLangEngine:
-    """Validate launch ``kwargs`` and build the engine (not loaded; sglang is not imported).
+    """Validate launch ``kwargs`` and build the engine (not loaded; sglang is not imported) for a model folder.
 
     ``gpu_idx``: the GPUs placement booked (``placed_options``); None: not placed.
 
     Examples
     --------
-    >>> eng = make_engine("/no/such/model", 4096, {"max_running_requests": 32})
+    >>> eng = build_engine("/no/such/model", 4096, {"max_running_requests": 32})
     >>> eng.max_concurrency, eng.context_length
     (32, None)
     """
@@ -772,3 +773,9 @@ def make_engine(
     options = placed_options(SGLangOptions.from_kwargs("sglang", kwargs), gpu_idx)
     ctx = effective_context_length(options.context_length, context_length, read_hf_config(model_path))
     return SGLangEngine(model_path, options, ctx, gpu_idx)
+
+
+def make_engine(resolved: ResolvedModel, model_path: str, kwargs: dict[str, Any],
+                gpu_idx: list[int] | None = None) -> SGLangEngine:
+    """The engine table's entry point: ``build_engine`` with the family's context length."""
+    return build_engine(model_path, resolved.context_length, kwargs, gpu_idx)

@@ -44,6 +44,7 @@ from xdask.engines.devices import (
 from xdask.engines.options import EngineOptions
 from xdask.engines.tokenizer_facts import tokenizer_facts
 from xdask.errors import GenerationError, InvalidRequestError, ModelLoadError
+from xdask.registry.specs import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class VLLMOptions(EngineOptions):
     Examples
     --------
     >>> opts = VLLMOptions.build(32768, {"max_num_seqs": 8})     # doctest: +SKIP
-    >>> opts.engine_args("/models/qwen2.5-0.5b")["max_model_len"]
+    >>> opts.engine_args("/models/qwen2.5-0.5b")["max_model_len"]  # doctest: +SKIP
     4096
     """
 
@@ -245,10 +246,10 @@ class VLLMEngine:
 
     Examples
     --------
-    >>> eng = make_engine("/models/qwen2.5-0.5b", 32768, {"max_num_seqs": 16})   # doctest: +SKIP
-    >>> eng.load()
-    >>> eng.generate("Hello", SamplingParams(max_tokens=8, temperature=0), print)
-    >>> eng.close()
+    >>> eng = build_engine("/models/qwen2.5-0.5b", 32768, {"max_num_seqs": 16})   # doctest: +SKIP
+    >>> eng.load()                                                                 # doctest: +SKIP
+    >>> eng.generate("Hello", SamplingParams(max_tokens=8, temperature=0), print)  # doctest: +SKIP
+    >>> eng.close()                                                                # doctest: +SKIP
     """
 
     name: ClassVar[str] = "vllm"
@@ -583,11 +584,17 @@ class VLLMEngine:
         }
 
 
-def make_engine(
+def build_engine(
     model_path: str, context_length: int, kwargs: dict[str, Any], gpu_idx: list[int] | None = None
 ) -> VLLMEngine:
-    """Build (not load) a vLLM engine; unknown or ill-typed ``kwargs``, or ones that contradict
+    """Build (not load) a vLLM engine for a model folder; unknown or ill-typed ``kwargs``, or ones that contradict
     the GPUs placement booked (``gpu_idx``, see ``placement_args``), raise ``InvalidRequestError``."""
     gpu_idx = normalize_gpu_idx(gpu_idx)
     options = VLLMOptions.build(context_length, dict(kwargs), model_path=model_path, gpu_idx=gpu_idx)
     return VLLMEngine(model_path, options, gpu_idx)
+
+
+def make_engine(resolved: ResolvedModel, model_path: str, kwargs: dict[str, Any],
+                gpu_idx: list[int] | None = None) -> VLLMEngine:
+    """The engine table's entry point: ``build_engine`` with the family's context length."""
+    return build_engine(model_path, resolved.context_length, kwargs, gpu_idx)

@@ -40,6 +40,7 @@ import pydantic
 
 from xdask import config
 from xdask.errors import ConflictError, InvalidRequestError, NotFoundError
+from xdask.registry.builtins import builtin_families, builtin_type_of, normalize_model_type
 from xdask.registry.specs import FAMILY_CLASSES, MODEL_NAME_RE, AnyFamily
 
 logger = logging.getLogger(__name__)
@@ -98,8 +99,6 @@ def _from_xinference(raw: dict[str, Any]) -> dict[str, Any]:
 
 def parse_family(model_type: str, model: str | dict[str, Any]) -> AnyFamily:
     """Validate a custom family (JSON text or a dict); 400 with pydantic's message."""
-    from xdask.registry.families import normalize_model_type
-
     model_type = normalize_model_type(model_type)
     if isinstance(model, str):
         try:
@@ -143,8 +142,6 @@ def _persisted(model_type: str) -> dict[str, AnyFamily]:
 
 def custom_families(model_type: str) -> dict[str, AnyFamily]:
     """Custom families of a type: persisted ones (read now) and this process's."""
-    from xdask.registry.families import normalize_model_type
-
     model_type = normalize_model_type(model_type)
     with _LOCK:
         return {**_persisted(model_type), **_EPHEMERAL.get(model_type, {})}
@@ -166,8 +163,6 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
 
 def register(model_type: str, model: str | dict[str, Any], persist: bool = False) -> AnyFamily:
     """Add a custom family; 409 if the name is taken by any built-in or custom family."""
-    from xdask.registry.families import builtin_type_of, normalize_model_type
-
     model_type = normalize_model_type(model_type)
     family = parse_family(model_type, model)
     name = family.model_name
@@ -195,8 +190,6 @@ def register(model_type: str, model: str | dict[str, Any], persist: bool = False
 
 def unregister(model_type: str, model_name: str) -> None:
     """Remove a custom family (its file too); 404 if none, 400 for a built-in one."""
-    from xdask.registry.families import builtin_families, normalize_model_type
-
     model_type = normalize_model_type(model_type)
     if model_name in builtin_families(model_type):
         raise InvalidRequestError(f"{model_name!r} is a built-in model and cannot be unregistered",

@@ -1,9 +1,10 @@
-"""The catalog of model families: built-in JSON files plus custom registrations.
+"""Lookups over the catalog of model families: the built-in ones plus custom registrations.
 
-Lookups are pure functions of the catalog, so the server validates a launch
-(and answers 400 for an unknown family) before any worker is touched. Custom
-families (``xdask.registry.custom``) are read at lookup time, so a server
-restarted on the same ``XDASK_HOME`` sees the persisted ones.
+This module composes ``builtins`` (the shipped JSON files) and ``custom``
+(what users register); both sit below it. Lookups are pure functions of the
+catalog, so the server validates a launch (and answers 400 for an unknown
+family) before any worker is touched. Custom families are read at lookup
+time, so a server restarted on the same ``XDASK_HOME`` sees the persisted ones.
 
 Examples
 --------
@@ -16,116 +17,22 @@ True
 
 from __future__ import annotations
 
-import functools
-import json
-import pathlib
-from collections.abc import Iterable
 from typing import Any
 
-import pydantic
-
 from xdask.errors import InvalidRequestError
-from xdask.registry.specs import (
-    FAMILY_CLASSES,
-    AnyFamily,
-    LLMFamily,
-    ModelSpec,
-    ResolvedModel,
-)
-
-_BUILTIN_DIR = pathlib.Path(__file__).with_name("builtin")
-
-#: Every model type the catalog knows, in Xinference's spelling.
-MODEL_TYPES = ("LLM", "embedding", "rerank", "image", "audio")
-
-#: The built-in file of each model type.
-BUILTIN_FILES = {model_type: f"{model_type.lower()}_families.json" for model_type in MODEL_TYPES}
-
-
-def normalize_model_type(model_type: str) -> str:
-    """``llm``/``Embedding`` → the canonical spelling; 400 for an unknown type."""
-    for known in MODEL_TYPES:
-        if model_type.lower() == known.lower():
-            return known
-    raise InvalidRequestError(
-        f"Unknown model type {model_type!r}; known types: {', '.join(MODEL_TYPES)}",
-        param="model_type",
-    )
-
-
-def load_family_file(path: pathlib.Path, model_type: str) -> list[AnyFamily]:
-    """Validate one family file (a JSON list) against its type's schema.
-
-    Raises ``ValueError`` naming the file, the family and pydantic's message
-    (``TypeError`` if the file is not a list).
-    """
-    cls = FAMILY_CLASSES[model_type]
-    with path.open(encoding="utf-8") as f:
-        raw = json.load(f)
-    if not isinstance(raw, list):
-        raise TypeError(f"{path.name}: expected a JSON list of families")
-    out = []
-    for i, item in enumerate(raw):
-        try:
-            out.append(cls.model_validate(item))
-        except pydantic.ValidationError as exc:
-            name = item.get("model_name", f"#{i}") if isinstance(item, dict) else f"#{i}"
-            raise ValueError(f"{path.name}: family {name}: {exc}") from exc
-    return out
-
-
-def check_unique_names(families: Iterable[AnyFamily]) -> None:
-    """``model_name`` is unique across all types: launches and caches key on it alone."""
-    seen: dict[str, str] = {}
-    for fam in families:
-        if fam.model_name in seen:
-            raise ValueError(
-                f"model_name {fam.model_name!r} is used twice ({seen[fam.model_name]} and {fam.model_type})"
-            )
-        seen[fam.model_name] = fam.model_type
-
-
-@functools.lru_cache(maxsize=1)
-def builtin_catalog() -> dict[str, dict[str, AnyFamily]]:
-    """Every built-in family, by type then name, read once from the package."""
-    catalog = {
-        model_type: {fam.model_name: fam for fam in load_family_file(_BUILTIN_DIR / file, model_type)}
-        for model_type, file in BUILTIN_FILES.items()
-    }
-    check_unique_names(f for fams in catalog.values() for f in fams.values())
-    return catalog
-
-
-def builtin_families(model_type: str) -> dict[str, AnyFamily]:
-    """Built-in families of one type by ``model_name``."""
-    return builtin_catalog()[normalize_model_type(model_type)]
-
-
-def builtin_llm_families() -> dict[str, LLMFamily]:
-    """Built-in LLM families by ``model_name``."""
-    return builtin_families("LLM")  # type: ignore[return-value]
-
-
-def builtin_type_of(model_name: str) -> str | None:
-    """The type of the built-in family called ``model_name``, if there is one."""
-    for model_type, fams in builtin_catalog().items():
-        if model_name in fams:
-            return model_type
-    return None
+from xdask.registry.builtins import MODEL_TYPES, builtin_families, builtin_type_of, normalize_model_type
+from xdask.registry.custom import custom_families
+from xdask.registry.specs import AnyFamily, ModelSpec, ResolvedModel
 
 
 def list_families(model_type: str) -> list[AnyFamily]:
     """Every registered family of a model type: built-in first, then custom ones."""
-    from xdask.registry.custom import custom_families
-
     model_type = normalize_model_type(model_type)
     return [*builtin_families(model_type).values(), *custom_families(model_type).values()]
 
 
 def get_family(model_name: str, model_type: str = "LLM") -> AnyFamily:
     """The family called ``model_name`` (built-in or custom); 400 when there is none."""
-    from xdask.registry.custom import custom_families
-
     model_type = normalize_model_type(model_type)
     family = builtin_families(model_type).get(model_name) or custom_families(model_type).get(model_name)
     if family is None:
@@ -143,8 +50,6 @@ def find_family(model_name: str) -> AnyFamily:
 
     For callers that get a bare name (``GET /v1/engines/{model_name}``).
     """
-    from xdask.registry.custom import custom_families
-
     model_type = builtin_type_of(model_name)
     if model_type is None:
         model_type = next((t for t in MODEL_TYPES if model_name in custom_families(t)), "LLM")

@@ -302,6 +302,18 @@ class ResolvedModel(BaseModel):
     spec: ModelSpec
     quantization: str
 
+    @property
+    def context_length(self) -> int:
+        """The LLM family's context length: what an LLM engine's ``make_engine`` builds for.
+
+        Only ``LLMFamily`` has one; reading it here narrows the union of
+        family types once, for every LLM engine. Any other type is a caller's
+        bug (the engine table routes only LLMs to LLM engines): ``TypeError``.
+        """
+        if not isinstance(self.family, LLMFamily):
+            raise TypeError(f"{self.family.model_name} is a {self.family.model_type} model: it has no context length")
+        return self.family.context_length
+
     def local_path(self) -> Path | None:
         """The spec's files on disk when the family points at a local path (``model_uri``)."""
         if not self.spec.model_uri:

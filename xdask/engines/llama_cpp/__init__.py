@@ -13,7 +13,9 @@ from typing import Any
 
 from xdask import config
 from xdask.engines.devices import normalize_gpu_idx
-from xdask.errors import EngineUnavailableError
+from xdask.engines.llama_cpp.options import LlamaCppOptions
+from xdask.errors import EngineUnavailableError, InvalidRequestError
+from xdask.registry.specs import ResolvedModel
 
 BACKENDS = ("xllamacpp", "llama-cpp-python")
 _MODULES = {"xllamacpp": "xllamacpp", "llama-cpp-python": "llama_cpp"}
@@ -43,8 +45,8 @@ def choose_backend(requested: str | None = None) -> str:
     return wanted
 
 
-def make_engine(model_path: str, backend: str, options: dict[str, Any], gpu_idx: list[int] | None = None) -> Any:
-    """Build (not load) the engine object for ``backend``.
+def build_engine(model_path: str, backend: str, options: dict[str, Any], gpu_idx: list[int] | None = None) -> Any:
+    """Build (not load) the engine object for ``backend`` and a GGUF file.
 
     ``options["options"]`` is a ``LlamaCppOptions``; ``gpu_idx`` (the GPUs
     placement booked, ``[]`` for none) pins the model to them
@@ -58,3 +60,24 @@ def make_engine(model_path: str, backend: str, options: dict[str, Any], gpu_idx:
     from xdask.engines.llama_cpp.llama_cpp_python_backend import LlamaCppPythonEngine
 
     return LlamaCppPythonEngine(model_path, **options)
+
+
+def make_engine(resolved: ResolvedModel, model_path: str, kwargs: dict[str, Any],
+                gpu_idx: list[int] | None = None) -> Any:
+    """The engine table's entry point: the backend, then the options, from launch ``kwargs``.
+
+    ``llama_cpp_backend`` picks the backend (``choose_backend``); the rest are
+    ``LlamaCppOptions.build``'s, where the family's context length caps each
+    slot's default context. Any other option is a 400 that lists the accepted
+    ones, since a typo would otherwise be silently ignored.
+    """
+    kwargs = dict(kwargs)
+    backend = choose_backend(kwargs.pop("llama_cpp_backend", None))
+    options = LlamaCppOptions.build(resolved.context_length, kwargs)
+    if kwargs:  # build() took the ones it knows
+        raise InvalidRequestError(
+            f"Invalid llama.cpp options: unknown option(s) {', '.join(map(repr, sorted(kwargs)))}. "
+            "Options llama.cpp accepts: llama_cpp_backend, n_ctx, n_gpu_layers, n_parallel, n_threads",
+            param="engine_kwargs", code="invalid_engine_option",
+        )
+    return build_engine(model_path, backend, {"options": options}, gpu_idx=gpu_idx)
