@@ -22,8 +22,11 @@ from typing import Any, NoReturn
 import click
 import dask.config
 import httpx
+import pydantic
 
 from xdask import config
+from xdask.api.base import validation_error
+from xdask.api.models import LaunchModelRequest
 from xdask.client import Client
 from xdask.errors import PermissionDeniedError, XdaskError
 
@@ -99,9 +102,8 @@ def _server_auth(path: str | None, host: str) -> Any:
     """
     import ipaddress
 
-    from xdask_server.auth import authenticator_from_config
-
     from xdask.auth.config_file import AuthConfigError
+    from xdask_server.route_scopes import authenticator_from_config
 
     try:
         auth = authenticator_from_config(path)
@@ -149,11 +151,10 @@ def _ask(endpoint: str | None, call: Callable[[Client], Any]) -> Any:
 
 async def _run_local(host: str, port: int, n_workers: int | None, log_level: str | int | None,
                      ready_message: bool, auth_config: str | None = None) -> None:
-    from xdask_server import make_app, start_http_server
-
     from xdask.cluster.local import start_local_cluster
     from xdask.cluster.supervisor import Supervisor
     from xdask.logs import setup_logging
+    from xdask_server import make_app, start_http_server
 
     log_path = setup_logging("local", level=log_level)
     auth = _server_auth(auth_config, host)  # before the cluster: a bad file fails at once
@@ -182,7 +183,9 @@ async def _run_local(host: str, port: int, n_workers: int | None, log_level: str
     try:
         await asyncio.wait_for(supervisor.close(), 10)
     finally:
-        await asyncio.wait_for(cluster.close(), 30)
+        closing = cluster.close()  # a LocalCluster started asynchronously returns an awaitable
+        if closing is not None:
+            await asyncio.wait_for(closing, 30)
     click.echo("Stopped.")
 
 
@@ -233,10 +236,9 @@ def server_main(scheduler: str, host: str | None, port: int | None, auth_config:
     and logs to ``XDASK_HOME/logs/server_<ms>/xdask.log``. ``xdask serve`` is
     the same command.
     """
-    from xdask_server import make_app, start_http_server
-
     from xdask.cluster.supervisor import Supervisor
     from xdask.logs import setup_logging
+    from xdask_server import make_app, start_http_server
 
     host = host or config.get("server.host")
     port = port if port is not None else int(config.get("server.port"))
@@ -338,7 +340,9 @@ def launch_payload(*, model_name: str, model_type: str = "LLM", model_engine: st
                    worker_ip: str | None = None, worker_address: str | None = None,
                    restart_on_failure: bool | None = None, download_hub: str | None = None,
                    kwargs: Sequence[str] = (), extra_args: Sequence[str] = ()) -> dict[str, Any]:
-    """The keyword arguments of ``Client.launch_model`` for ``xdask launch``'s options.
+    """The body of ``POST /v1/models`` (a ``LaunchModelRequest``) for ``xdask launch``'s options.
+
+    The same keywords ``Client.launch_model`` takes; the Jupyter launcher builds its launch here too.
 
     Apart from the CLI so that its parsing is tested without a server.
     Options left out are not in the result (the server's defaults apply);
@@ -359,7 +363,11 @@ def launch_payload(*, model_name: str, model_type: str = "LLM", model_engine: st
         "worker_address": worker_address, "restart_on_failure": restart_on_failure, "download_hub": download_hub,
     }
     # An option given both ways (``--n-gpu 1`` and ``--n_gpu 1``): the named one wins.
-    return {**engine_options, **{k: v for k, v in named.items() if v is not None}}
+    fields = {**engine_options, **{k: v for k, v in named.items() if v is not None}}
+    try:  # the server's own schema (xdask.api.models): a bad value is refused before anything is sent
+        return LaunchModelRequest.model_validate(fields).to_body()
+    except pydantic.ValidationError as exc:
+        raise click.BadParameter(validation_error(exc).message) from None
 
 
 def _launch_watched(client: Client, endpoint: str | None, payload: dict[str, Any]) -> str:
@@ -605,10 +613,10 @@ def cal_model_mem(model_name: str, size_in_billions: str | None, model_format: s
     click.echo(f"model size: {size} B  format: {est.model_format}  "
                f"quantization: {est.quantization}")
     click.echo(f"context: {est.context_length}  batch: {est.batch}  kv_cache_dtype: {est.kv_cache_dtype}")
-    click.echo(f"architecture: {arch.num_layers} layers, {arch.num_attention_heads} heads, {arch.num_kv_heads} kv heads, "
-               f"head_dim {arch.head_dim}, hidden {arch.hidden_size}"
-               + (f", {arch.sliding_layers} sliding-window layers of {arch.sliding_window}" if arch.sliding_layers else "")
-               + f"  (from {arch.source})")
+    sliding = f", {arch.sliding_layers} sliding-window layers of {arch.sliding_window}" if arch.sliding_layers else ""
+    click.echo(f"architecture: {arch.num_layers} layers, {arch.num_attention_heads} heads, "
+               f"{arch.num_kv_heads} kv heads, head_dim {arch.head_dim}, hidden {arch.hidden_size}"
+               f"{sliding}  (from {arch.source})")
     click.echo("memory usage:")
     click.echo(f"  model_mem: {info['weights_mib']} MiB  ({est.weights_from})")
     click.echo(f"  kv_cache: {info['kv_cache_mib']} MiB")

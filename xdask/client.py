@@ -25,8 +25,11 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Self
 
 import httpx
+import pydantic
 
 from xdask import config
+from xdask.api.base import validation_error
+from xdask.api.models import LaunchModelRequest
 from xdask.errors import PermissionDeniedError, XdaskError, from_dict
 
 if TYPE_CHECKING:
@@ -390,17 +393,14 @@ class Client:
         ``worker_address`` (pin), ``restart_on_failure``. Other keywords are
         engine options.
         """
-        payload = {
-            "model_name": model_name,
-            "model_type": model_type,
-            "model_engine": model_engine,
-            "model_uid": model_uid,
-            "model_size_in_billions": model_size_in_billions,
-            "model_format": model_format,
-            "quantization": quantization,
-            **kwargs,
-        }
-        payload = {k: v for k, v in payload.items() if v is not None}
+        fields = {"model_name": model_name, "model_type": model_type, "model_engine": model_engine,
+                  "model_uid": model_uid, "model_size_in_billions": model_size_in_billions,
+                  "model_format": model_format, "quantization": quantization, **kwargs}
+        try:  # the server's own schema: a bad value fails here as it would there, before anything is sent
+            request = LaunchModelRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+        except pydantic.ValidationError as exc:
+            raise validation_error(exc) from None
+        payload = request.to_body()
         return self._request("POST", "/v1/models", json=payload)["model_uid"]
 
     def list_models(self) -> dict[str, dict[str, Any]]:
@@ -447,7 +447,8 @@ class Client:
         return self._request("GET", f"/v1/engines/{model_name}")
 
     def list_cached_models(self, model_name: str | None = None) -> list[dict[str, Any]]:
-        """Every worker's cached models: ``model_version``, format, ``size_bytes``, ``complete``, ``path``, ``address``."""
+        """Every worker's cached models: ``model_version``, format, ``size_bytes``, ``complete``, ``path``,
+        ``address``."""
         params = {"model_name": model_name} if model_name else None
         return self._request("GET", "/v1/cache/models", params=params)["list"]
 

@@ -3,11 +3,29 @@
 Every error a user can cause or meet carries the HTTP status and the
 OpenAI error ``type`` it maps to, so that the Tornado handlers, the Python
 client and the CLI all speak of it the same way.
+
+Errors cross a Dask comm (worker -> server, scheduler plugin -> client) as
+``to_wire()`` dicts, which name the class, and come back with
+``from_wire()`` as the same class with the same status: an error raised on
+a worker reaches the HTTP client exactly as if it had been raised in the
+server. ``from_dict()`` rebuilds one from an HTTP error body (the Python
+client's side), through the same status table.
+
+Examples
+--------
+>>> err = from_wire(HubNotFoundError("no such repo", code="hub_not_found").to_wire())
+>>> type(err).__name__, err.status, err.code
+('HubNotFoundError', 404, 'hub_not_found')
+>>> from_wire(internal_wire(ValueError("boom"))).message
+'ValueError: boom'
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
+
+#: Every ``XdaskError`` class by name, filled as classes are defined: what ``from_wire`` looks up.
+_CLASSES: dict[str, type[XdaskError]] = {}
 
 
 class XdaskError(Exception):
@@ -15,12 +33,26 @@ class XdaskError(Exception):
 
     status: int = 500
     type: str = "internal_error"
+    #: Attributes beyond (message, param, code) that ``to_wire`` carries, e.g. ``retry_after``.
+    wire_extras: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _CLASSES[cls.__name__] = cls
+
+    def to_wire(self) -> dict[str, Any]:
+        """A msgpack-friendly dict for a Dask comm: the class name, status, OpenAI fields and extras."""
+        wire = {"error_class": type(self).__name__, "status": self.status, "type": self.type,
+                "message": self.message, "param": self.param, "code": self.code}
+        for name in self.wire_extras:
+            wire[name] = getattr(self, name, None)
+        return wire
 
     def to_dict(self) -> dict[str, Any]:
         """The OpenAI error body: ``{"error": {message, type, param, code}}``.
@@ -96,6 +128,7 @@ class RateLimitError(XdaskError):
 
     status = 429
     type = "rate_limit_error"
+    wire_extras = ("retry_after",)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = "rate_limit_exceeded",
                  retry_after: float | None = None):
@@ -208,7 +241,23 @@ class HubUnreachableError(ModelDownloadError):
     """The hub cannot be reached: no network, a wrong endpoint, or it kept dropping the connection (502)."""
 
 
-#: Error codes whose class is more specific than the one their HTTP status gives.
+_CLASSES[XdaskError.__name__] = XdaskError
+
+#: The one status table: the class an HTTP status (or a wire dict without a known class) comes back as.
+_BY_STATUS: dict[int, type[XdaskError]] = {
+    400: InvalidRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    405: MethodNotAllowedError,
+    409: ConflictError,
+    413: PayloadTooLargeError,
+    429: RateLimitError,
+    503: ModelNotReadyError,
+    504: RequestTimeoutError,
+}
+
+#: Error codes whose class is more specific than the one their HTTP status gives (HTTP bodies name no class).
 _BY_CODE: dict[str, type[XdaskError]] = {
     "launch_cancelled": LaunchCancelledError,
     "gated_repo": HubAccessError,
@@ -219,25 +268,39 @@ _BY_CODE: dict[str, type[XdaskError]] = {
 }
 
 
+def _build(cls: type[XdaskError], fields: dict[str, Any], status: int) -> XdaskError:
+    """An instance of ``cls`` with exactly these fields (subclasses' own ``__init__`` defaults bypassed)."""
+    exc = cls.__new__(cls)
+    XdaskError.__init__(exc, str(fields.get("message")), param=fields.get("param"), code=fields.get("code"))
+    for name in cls.wire_extras:
+        setattr(exc, name, fields.get(name))
+    if exc.status != status:
+        exc.status = status
+    if fields.get("type") and fields["type"] != exc.type:
+        exc.type = str(fields["type"])
+    return exc
+
+
+def internal_wire(exc: BaseException) -> dict[str, Any]:
+    """Any exception as a wire dict: an ``XdaskError``'s own, else a 500 that names the exception."""
+    if isinstance(exc, XdaskError):
+        return exc.to_wire()
+    return XdaskError(f"{type(exc).__name__}: {exc}").to_wire()
+
+
+def from_wire(wire: dict[str, Any]) -> XdaskError:
+    """Rebuild the error ``to_wire`` described: the same class, status and fields."""
+    status = int(wire.get("status") or 500)
+    cls = _CLASSES.get(str(wire.get("error_class"))) or _BY_CODE.get(str(wire.get("code"))) \
+        or _BY_STATUS.get(status, XdaskError)
+    return _build(cls, wire, status)
+
+
 def from_dict(body: dict[str, Any], status: int) -> XdaskError:
     """Rebuild an error from an HTTP error body (used by the Python client)."""
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict):
         message = body.get("detail") if isinstance(body, dict) else None
         err = {"message": message or f"HTTP {status}"}
-    classes = {
-        400: InvalidRequestError,
-        401: AuthenticationError,
-        403: PermissionDeniedError,
-        404: NotFoundError,
-        405: MethodNotAllowedError,
-        409: ConflictError,
-        413: PayloadTooLargeError,
-        429: RateLimitError,
-        503: ModelNotReadyError,
-        504: RequestTimeoutError,
-    }
-    cls = _BY_CODE.get(str(err.get("code"))) or classes.get(status, XdaskError)
-    exc = cls(str(err.get("message")), param=err.get("param"), code=err.get("code"))
-    exc.status = status
-    return exc
+    cls = _BY_CODE.get(str(err.get("code"))) or _BY_STATUS.get(status, XdaskError)
+    return _build(cls, {k: err.get(k) for k in ("message", "param", "code")}, status)

@@ -13,31 +13,37 @@ from xdask.auth.redact import install_log_redaction
 from xdask.batch.api import BatchManager
 from xdask.batch.store import BatchStore
 from xdask.cluster.supervisor import Supervisor
-from xdask_server import audio as audio_handlers
-from xdask_server import auth as auth_handlers
-from xdask_server import batches as batch_handlers
-from xdask_server import embeddings as retrieval_handlers
-from xdask_server import handlers as h
-from xdask_server import images as image_handlers
-from xdask_server import monitoring
+from xdask_server import (
+    audio,
+    batches,
+    chat,
+    dashboard,
+    images,
+    models,
+    monitoring,
+    retrieval,
+    route_scopes,
+    tokens,
+)
 from xdask_server.audio_serving import AudioServing
-from xdask_server.dashboard import Dashboard
+from xdask_server.base import NotFoundHandler
+from xdask_server.dashboard_view import Dashboard
 from xdask_server.image_serving import ImageServing
 from xdask_server.image_store import ImageStore
 from xdask_server.metrics import Metrics, endpoint_labels
-from xdask_server.retrieval import RetrievalServing
 from xdask_server.serving import OpenAIServing
 from xdask_server.stats import HttpStats, RequestStats, Sampler
 
-logger = logging.getLogger(__name__)
+#: The modules of the API families, each exporting ``routes()``.
+FAMILIES = (chat, models, retrieval, images, audio, batches, monitoring, dashboard, tokens)
 
-_UID = r"([^/]+)"
+logger = logging.getLogger(__name__)
 
 
 def make_app(supervisor: Supervisor, auth: Authenticator | None = None) -> web.Application:
     """The application: routes, and the supervisor the handlers use.
 
-    ``auth`` guards every route (``xdask_server.auth``); None: the auth config
+    ``auth`` guards every route (``xdask_server.route_scopes``); None: the auth config
     that ``xdask.auth-config`` (``XDASK_AUTH_CONFIG``) names, if any, else none.
 
     Called on the running loop (as the CLI does), it also starts sampling the
@@ -46,59 +52,34 @@ def make_app(supervisor: Supervisor, auth: Authenticator | None = None) -> web.A
     ``app.settings["sampler"].start()`` once the loop runs (the batch manager
     starts with its first request).
     """
-    auth = auth if auth is not None else auth_handlers.authenticator_from_config()
+    auth = auth if auth is not None else route_scopes.authenticator_from_config()
     install_log_redaction()  # credentials a client put in a URL never reach a log file
     stats = RequestStats()
     interval = float(config.get("dashboard.sample-interval"))
     sampler = Sampler(stats, interval, int(config.get("dashboard.history")), live=supervisor.known_models,
                       window=round(float(config.get("dashboard.summary-window")) / interval))
-    batches = BatchManager(supervisor, BatchStore(config.home() / "batches"))
+    batch_manager = BatchManager(supervisor, BatchStore(config.home() / "batches"))
     _start_on_running_loop(sampler)
-    _start_on_running_loop(batches)
-    images = ImageServing(supervisor, ImageStore.from_config(), stats)
-    _start_on_running_loop(images.store)  # deletes generated images past their retention
-    routes = [
-        (r"/v1/chat/completions", h.ChatCompletionsHandler),
-        (r"/v1/completions", h.CompletionsHandler),
-        (r"/v1/models", h.ModelsHandler),
-        (rf"/v1/models/{_UID}", h.ModelHandler),
-        (rf"/v1/models/{_UID}/progress", h.LaunchProgressHandler),
-        (rf"/v1/models/{_UID}/cancel", h.LaunchCancelHandler),
-        (r"/v1/engines/([^/]+)", h.EnginesHandler),
-        (r"/v1/cache/models", h.CacheModelsHandler),
-        (r"/v1/cal_model_mem", h.MemoryEstimateHandler),
-        (r"/v1/model_registrations/([^/]+)", h.RegistrationsHandler),
-        (r"/v1/model_registrations/([^/]+)/([^/]+)", h.RegistrationsHandler),
-        (r"/v1/cluster/workers", h.ClusterWorkersHandler),
-        (r"/v1/cluster/health", h.ClusterHealthHandler),
-        (r"/status", h.HealthHandler),
-        (r"/dashboard", h.DashboardRedirectHandler),
-        (r"/dashboard/", h.DashboardPageHandler),
-        (r"/dashboard/data/([a-z]+)", h.DashboardDataHandler),
-        (r"/dashboard/links/api", h.DashboardApiLinkHandler),
-        *retrieval_handlers.routes(),
-        *image_handlers.routes(),
-        *audio_handlers.routes(),
-        *batch_handlers.routes(),
-        *auth_handlers.routes(),
-        *monitoring.routes(),
-    ]
+    _start_on_running_loop(batch_manager)
+    image_serving = ImageServing(supervisor, ImageStore.from_config(), stats)
+    _start_on_running_loop(image_serving.store)  # deletes generated images past their retention
+    routes = [route for family in FAMILIES for route in family.routes()]
     http_stats = HttpStats()
-    return auth_handlers.GuardedApplication(
+    return route_scopes.GuardedApplication(
         routes,
         auth=auth,
         supervisor=supervisor,
+        stats=stats,
         serving=OpenAIServing(supervisor, stats),
-        retrieval=RetrievalServing(supervisor, stats),
-        images=images,
+        images=image_serving,
         audio=AudioServing(supervisor, stats),
         sampler=sampler,
-        batches=batches,
+        batches=batch_manager,
         dashboard=Dashboard(supervisor, stats, sampler),
         http_stats=http_stats,
-        endpoint_labels={**endpoint_labels(routes), h.NotFoundHandler: "unmatched"},
+        endpoint_labels={**endpoint_labels(routes), NotFoundHandler: "unmatched"},
         metrics=Metrics(supervisor, stats, http_stats, sampler),
-        default_handler_class=h.NotFoundHandler,
+        default_handler_class=NotFoundHandler,
         compress_response=False,
     )
 

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import json
 
-from xdask.media_protocol import SpeechRequest, TranscriptionForm
+from tornado import web
+
+from xdask.api.media import SpeechRequest, TranscriptionForm
 from xdask_server.audio_serving import AudioServing
+from xdask_server.base import TaskHandler
 from xdask_server.forms import UploadHandler
-from xdask_server.handlers import BodyHandler, TaskBodyHandler
 
 
 class _AudioHandler:
@@ -47,7 +49,7 @@ class TranscriptionsHandler(_AudioHandler, UploadHandler):
         req = TranscriptionForm.model_validate(form.fields)
         audio = form.file("file")
         done, answer = await self.run(self.audio.transcribe(self.op, req, audio or b""))
-        if not done:
+        if not done or answer is None:
             return
         content_type, body = answer
         self.set_header("Content-Type", content_type)
@@ -60,20 +62,20 @@ class TranslationsHandler(TranscriptionsHandler):
     op = "translate"
 
 
-class SpeechHandler(_AudioHandler, TaskBodyHandler):
+class SpeechHandler(_AudioHandler, TaskHandler):
     """``POST /v1/audio/speech``: text to audio bytes."""
 
     async def post(self) -> None:
         req = self.parse(SpeechRequest)
         done, answer = await self.run(self.audio.speech(req))
-        if not done:
+        if not done or answer is None:
             return
         content_type, audio = answer
         self.set_header("Content-Type", content_type)
         self.finish(audio)
 
 
-def routes() -> list[tuple[str, type[BodyHandler]]]:
+def routes() -> list[tuple[str, type[web.RequestHandler]]]:
     """The routes this module serves (``app.make_app`` adds them)."""
     return [
         (r"/v1/audio/transcriptions", TranscriptionsHandler),

@@ -25,14 +25,15 @@ Hello.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from xdask.cluster.supervisor import Supervisor
+from xdask.api.media import SpeechRequest, TranscriptionForm
 from xdask.engines.wav import check_wav
-from xdask.media_protocol import SpeechRequest, TranscriptionForm
-from xdask_server.limits import admit
-from xdask_server.serving import check_model_type
+from xdask_server.serving import OpenAIServing
 from xdask_server.stats import RequestStats
+
+if TYPE_CHECKING:
+    from xdask.cluster.supervisor import Supervisor
 
 #: Content types of the speech formats.
 SPEECH_CONTENT_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm"}
@@ -80,13 +81,10 @@ class AudioServing:
     def __init__(self, supervisor: Supervisor, stats: RequestStats | None = None):
         self.supervisor = supervisor
         self.stats = stats if stats is not None else RequestStats()
+        self._requests = OpenAIServing(supervisor, self.stats)
 
     async def _invoke(self, uid: str, endpoint: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
-        await admit(self.supervisor, self.stats, uid)
-        with self.stats.track(uid, streamed=False):
-            record = await self.supervisor._record(uid)
-            check_model_type(record, "audio", endpoint)
-            return await self.supervisor.invoke(uid, op, payload)
+        return await self._requests.invoke(uid, "audio", endpoint, op, payload)
 
     async def transcribe(self, op: str, form: TranscriptionForm, audio: bytes) -> tuple[str, str | dict[str, Any]]:
         """``(content type, body)`` of a transcription (``op="transcribe"``) or translation (``"translate"``)."""

@@ -24,10 +24,11 @@ from typing import Any
 from tornado import web
 
 from xdask import config
-from xdask.batch.api import BatchManager, CreateBatchRequest
+from xdask.api.batch import CreateBatchRequest
+from xdask.batch.api import BatchManager
 from xdask.batch.store import Upload
 from xdask.errors import InvalidRequestError, PayloadTooLargeError, XdaskError
-from xdask_server.handlers import _REFUSE_UNREAD_FACTOR, BaseHandler, BodyHandler
+from xdask_server.base import _REFUSE_UNREAD_FACTOR, BaseHandler
 
 #: Bytes of multipart framing allowed on top of the file itself (boundaries, headers, the purpose field).
 _FRAMING = 1 << 20
@@ -120,12 +121,12 @@ class MultipartReader:
     def _start_part(self, raw: bytes) -> None:
         msg = Message()
         for line in raw.decode("utf-8", "replace").split("\r\n"):
-            name, sep, value = line.partition(":")
-            if sep and name.strip().lower() == "content-disposition":
+            header, sep, value = line.partition(":")
+            if sep and header.strip().lower() == "content-disposition":
                 msg["content-disposition"] = value.strip()
-        name = msg.get_param("name", header="content-disposition")
+        param = msg.get_param("name", header="content-disposition")
         filename = msg.get_filename()
-        name = name if isinstance(name, str) else None
+        name = param if isinstance(param, str) else None
         if name == self._file_field and filename is not None and self.filename is None:
             self._part, self.filename = "", filename or "upload.jsonl"
         elif filename is None and name:
@@ -280,11 +281,11 @@ class FileContentHandler(BatchBaseHandler):
         self.finish()
 
 
-class BatchesHandler(BodyHandler, BatchBaseHandler):
+class BatchesHandler(BatchBaseHandler):
     """``POST /v1/batches`` creates a batch; ``GET /v1/batches?after=&limit=`` lists them, newest first."""
 
     async def prepare(self) -> None:
-        BodyHandler.prepare(self)
+        BaseHandler.prepare(self)
         await self.batches.ready()
 
     async def post(self) -> None:

@@ -11,7 +11,8 @@ Examples
 --------
 >>> form = parse_form("multipart/form-data; boundary=b",
 ...                   b'--b\\r\\nContent-Disposition: form-data; name="model"\\r\\n\\r\\nw\\r\\n'
-...                   b'--b\\r\\nContent-Disposition: form-data; name="file"; filename="a.wav"\\r\\n\\r\\nRIFF\\r\\n--b--\\r\\n')
+...                   b'--b\\r\\nContent-Disposition: form-data; name="file"; filename="a.wav"\\r\\n\\r\\n'
+...                   b'RIFF\\r\\n--b--\\r\\n')
 >>> form.fields, form.file("file")
 ({'model': 'w'}, b'RIFF')
 """
@@ -26,7 +27,7 @@ from tornado.httputil import HTTPFile, HTTPInputError, parse_body_arguments
 
 from xdask import config
 from xdask.errors import InvalidRequestError
-from xdask_server.handlers import TaskBodyHandler
+from xdask_server.base import TaskHandler
 
 #: Bytes of multipart framing allowed on top of the file (boundaries, part headers, small fields).
 FRAMING = 1 << 20
@@ -76,7 +77,7 @@ def parse_form(content_type: str, body: bytes) -> Form:
     return Form(fields, files)
 
 
-class UploadHandler(TaskBodyHandler):
+class UploadHandler(TaskHandler):
     """A POST handler whose body is a multipart form with a file of up to ``config.get(limit_key)`` bytes."""
 
     #: The ``xdask.*`` setting of the largest file this endpoint takes.

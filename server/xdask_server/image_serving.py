@@ -22,15 +22,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xdask import config
-from xdask.cluster.supervisor import Supervisor
-from xdask.media_protocol import ImageEditForm, ImageGenerationRequest
+from xdask.api.media import ImageEditForm, ImageGenerationRequest
 from xdask_server.image_store import ImageStore
-from xdask_server.limits import admit
-from xdask_server.serving import check_model_type
+from xdask_server.serving import OpenAIServing
 from xdask_server.stats import RequestStats
+
+if TYPE_CHECKING:
+    from xdask.cluster.supervisor import Supervisor
 
 #: The route image files are served at (``images.ImageFileHandler``).
 FILES_PATH = "/v1/images/files"
@@ -43,6 +44,7 @@ class ImageServing:
         self.supervisor = supervisor
         self.store = store
         self.stats = stats if stats is not None else RequestStats()
+        self._requests = OpenAIServing(supervisor, self.stats)
 
     async def generate(self, req: ImageGenerationRequest, base_url: str) -> dict[str, Any]:
         """The body of ``POST /v1/images/generations``."""
@@ -56,11 +58,7 @@ class ImageServing:
 
     async def _run(self, uid: str, endpoint: str, op: str, payload: dict[str, Any], response_format: str,
                    base_url: str) -> dict[str, Any]:
-        await admit(self.supervisor, self.stats, uid)
-        with self.stats.track(uid, streamed=False):
-            record = await self.supervisor._record(uid)
-            check_model_type(record, "image", endpoint)
-            result = await self.supervisor.invoke(uid, op, payload)
+        result = await self._requests.invoke(uid, "image", endpoint, op, payload)
         images: list[bytes] = result["images"]
         if response_format == "b64_json":
             data = [{"b64_json": base64.b64encode(png).decode("ascii"), "revised_prompt": None} for png in images]

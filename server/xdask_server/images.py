@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 
+from xdask.api.media import ImageEditForm, ImageGenerationRequest
 from xdask.errors import InvalidRequestError, NotFoundError
-from xdask.media_protocol import ImageEditForm, ImageGenerationRequest
+from xdask_server.base import BaseHandler, TaskHandler
 from xdask_server.forms import UploadHandler
-from xdask_server.handlers import BaseHandler, TaskBodyHandler
 from xdask_server.image_serving import FILES_PATH, ImageServing
 
 
@@ -41,7 +41,7 @@ class _ImageHandler:
         return f"{request.protocol}://{request.host}"
 
 
-class GenerationsHandler(_ImageHandler, TaskBodyHandler):
+class GenerationsHandler(_ImageHandler, TaskHandler):
     """``POST /v1/images/generations``."""
 
     async def post(self) -> None:
@@ -61,7 +61,7 @@ class EditsHandler(_ImageHandler, UploadHandler):
         if form.file("mask", required=False) is not None:
             raise InvalidRequestError("mask (inpainting) is not supported: xdask redraws the whole image",
                                       param="mask")
-        image = form.file("image", "image[]")
+        image = form.file("image", "image[]") or b""  # required: a missing one is a 400 already
         req = ImageEditForm.model_validate(form.fields)
         done, body = await self.run(self.images.edit(req, image, self.request.path, self.base_url()))
         if done:

@@ -1,4 +1,4 @@
-"""HTTP binding of what orchestrators and Prometheus poll: ``/healthz``, ``/readyz`` and ``/metrics``.
+"""HTTP binding of what watches the server and the cluster: probes, metrics, health and workers.
 
 * ``GET /healthz``: liveness. 200 whenever this process's event loop answers;
   it asks nothing of the cluster, so a slow scheduler never gets the server
@@ -10,8 +10,10 @@
 * ``GET /metrics``: Prometheus text (``xdask_server.metrics``); 404 when
   ``XDASK_DISABLE_METRICS=1``.
 
-``GET /v1/cluster/health`` (``handlers.ClusterHealthHandler``) is the detailed
-view: every problem, for people and ``xdask health``.
+* ``GET /v1/cluster/health``: the detailed view, every problem, for people and
+  ``xdask health`` (200 when all is well, 503 otherwise);
+  ``GET /v1/cluster/workers``: each worker's resources, GPUs, models and memory;
+  ``GET /status``: the server and its scheduler answer.
 
 Examples
 --------
@@ -27,7 +29,8 @@ from __future__ import annotations
 from xdask import config
 from xdask.errors import NotFoundError
 from xdask_server import metrics
-from xdask_server.handlers import BaseHandler
+from xdask_server.base import BaseHandler
+from xdask_server.route_scopes import caller_may
 
 
 class LivenessHandler(BaseHandler):
@@ -66,6 +69,36 @@ class MetricsHandler(BaseHandler):
         self.finish(body)
 
 
+class ClusterWorkersHandler(BaseHandler):
+    """``GET /v1/cluster/workers``: address, resources, used/free GPUs, models and memory of each worker."""
+
+    async def get(self) -> None:
+        self.write_json({"object": "list", "data": await self.supervisor.workers()})
+
+
+class ClusterHealthHandler(BaseHandler):
+    """``GET /v1/cluster/health``: 200 when all is well, 503 with the problems otherwise."""
+
+    async def get(self) -> None:
+        health = await self.supervisor.health()
+        self.write_json(health, status=200 if health["status"] == "ok" else 503)
+
+
+class HealthHandler(BaseHandler):
+    """``GET /status``: the server and its scheduler answer."""
+
+    async def get(self) -> None:
+        info = await self.supervisor.scheduler.identity()
+        answer = {"status": "ok", "scheduler": info.get("address"), "workers": len(info.get("workers", {}))}
+        if not caller_may(self, "models:list"):
+            del answer["scheduler"]  # open to probes; where the cluster is, only to callers who may list models
+        self.write_json(answer)
+
+
 def routes() -> list[tuple[str, type[BaseHandler]]]:
     """The routes this module serves (``app.make_app`` adds them)."""
-    return [(r"/healthz", LivenessHandler), (r"/readyz", ReadinessHandler), (r"/metrics", MetricsHandler)]
+    return [
+        (r"/healthz", LivenessHandler), (r"/readyz", ReadinessHandler), (r"/metrics", MetricsHandler),
+        (r"/v1/cluster/workers", ClusterWorkersHandler), (r"/v1/cluster/health", ClusterHealthHandler),
+        (r"/status", HealthHandler),
+    ]

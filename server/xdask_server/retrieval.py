@@ -1,57 +1,54 @@
-"""Engine-agnostic logic of ``/v1/embeddings`` and ``/v1/rerank``: validated request in, response body out.
+"""HTTP binding of ``POST /v1/embeddings`` (OpenAI) and ``POST /v1/rerank`` (Xinference/Cohere).
 
-No Tornado here (the HTTP binding is ``xdask_server.embeddings``): each call
-checks that the model is of the right type (400 ``wrong_model_type``),
-sends one ``invoke`` to a replica (``Supervisor.invoke``: least-loaded
-replica, retried on a lost one, bounded by ``xdask.server.request-timeout``)
-and builds the body with the same builders the batch runner uses
-(``xdask.responses``). Input limits are the schemas' (``xdask.protocol``);
-the model checks what only it knows (its length limit, its vector size).
+Each request looks its model's record up once, is admitted and counted by
+the server's statistics (``serving.OpenAIServing``), and is answered by ``xdask.cluster.serving`` (the
+functions the batch runner uses too): the model type is checked (400
+``wrong_model_type``), one ``invoke`` goes to the least-loaded replica, and
+the body is built by ``xdask.api.embeddings``. A client that hangs up
+cancels the wait (the model finishes the batch it is in; the answer is
+dropped).
 
 Examples
 --------
->>> serving = RetrievalServing(supervisor)                                 # doctest: +SKIP
->>> body = await serving.embed(EmbeddingRequest.model_validate({"model": "all-MiniLM-L6-v2", "input": "hi"}))
->>> len(body["data"][0]["embedding"])
-384
+>>> import openai                                                          # doctest: +SKIP
+>>> oai = openai.OpenAI(base_url="http://127.0.0.1:9997/v1", api_key="x")
+>>> oai.embeddings.create(model="all-MiniLM-L6-v2", input=["hello"]).data[0].embedding[:2]
+[-0.034..., 0.031...]
 """
 
 from __future__ import annotations
 
-from typing import Any
+from tornado import web
 
-from xdask.cluster.supervisor import Supervisor
-from xdask.protocol import EmbeddingRequest, RerankRequest
-from xdask.responses import embedding_list, rerank_response
-from xdask_server.limits import admit
-from xdask_server.serving import check_model_type
-from xdask_server.stats import RequestStats
+from xdask.api.embeddings import EmbeddingRequest, RerankRequest
+from xdask_server.base import TaskHandler
+from xdask_server.serving import OpenAIServing
 
 
-class RetrievalServing:
-    """Embedding and rerank requests against the models of a ``Supervisor``, counted in ``stats``."""
+class _RetrievalHandler(TaskHandler):
+    """POST a validated body to ``OpenAIServing.retrieve``; cancelled when the client hangs up."""
 
-    def __init__(self, supervisor: Supervisor, stats: RequestStats | None = None):
-        self.supervisor = supervisor
-        self.stats = stats if stats is not None else RequestStats()
+    schema: type[EmbeddingRequest | RerankRequest]
 
-    async def _invoke(self, uid: str, model_type: str, endpoint: str, op: str, payload: dict[str, Any],
-                      tokens_key: str) -> dict[str, Any]:
-        await admit(self.supervisor, self.stats, uid)
-        with self.stats.track(uid, streamed=False) as tracker:
-            record = await self.supervisor._record(uid)
-            check_model_type(record, model_type, endpoint)
-            result = await self.supervisor.invoke(uid, op, payload)
-            tracker.message({"u": [int(result.get(tokens_key, 0)), 0]})
-        return result
+    async def post(self) -> None:
+        serving: OpenAIServing = self.application.settings["serving"]
+        done, body = await self.run(serving.retrieve(self.parse(self.schema)))
+        if done:
+            self.write_json(body)
 
-    async def embed(self, req: EmbeddingRequest) -> dict[str, Any]:
-        """The ``list`` body of ``POST /v1/embeddings``."""
-        result = await self._invoke(req.model, "embedding", "/v1/embeddings", "embed", req.payload(),
-                                    "prompt_tokens")
-        return embedding_list(req.model, result, req.encoding_format)
 
-    async def rerank(self, req: RerankRequest) -> dict[str, Any]:
-        """The body of ``POST /v1/rerank``: results sorted by relevance, best first."""
-        result = await self._invoke(req.model, "rerank", "/v1/rerank", "rerank", req.payload(), "input_tokens")
-        return rerank_response(result, req.documents, req.top_n, req.return_documents)
+class EmbeddingsHandler(_RetrievalHandler):
+    """``POST /v1/embeddings``."""
+
+    schema = EmbeddingRequest
+
+
+class RerankHandler(_RetrievalHandler):
+    """``POST /v1/rerank``."""
+
+    schema = RerankRequest
+
+
+def routes() -> list[tuple[str, type[web.RequestHandler]]]:
+    """The routes this module serves (``app.make_app`` adds them)."""
+    return [(r"/v1/embeddings", EmbeddingsHandler), (r"/v1/rerank", RerankHandler)]

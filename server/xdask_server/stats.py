@@ -25,8 +25,8 @@ Examples
 --------
 >>> stats = RequestStats()
 >>> with stats.track("gemma", streamed=True) as tracker:
-...     tracker.message({"t": "Hel", "u": None})
-...     tracker.message({"t": "lo", "u": [3, 2]})
+...     tracker.message({"text": "Hel", "usage": None})
+...     tracker.message({"text": "lo", "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
 >>> stats.models["gemma"].requests_total, stats.models["gemma"].tokens_total, stats.models["gemma"].in_flight
 (1, 2, 0)
 >>> sampler = Sampler(stats, interval=1.0, history=600)
@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 from xdask import config
+from xdask.api.wire import Chunk
 from xdask.errors import NotFoundError, RateLimitError
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,13 @@ logger = logging.getLogger(__name__)
 OK, ERROR, CANCELLED = "ok", "error", "cancelled"
 #: ``ModelStats.rejected`` reason of a request every replica refused (their queues were full).
 REPLICA_QUEUE = "replica_queue"
+#: ``ModelStats.rejected`` reason of a request refused by its model's ``request_limits``.
+REQUEST_LIMITS = "request_limits"
+
+
+def retry_after() -> float:
+    """Seconds a 429 asks the client to wait (``xdask.limits.retry-after``)."""
+    return float(config.get("limits.retry-after"))
 
 
 def _bounds(key: str) -> tuple[float, ...]:
@@ -150,8 +158,8 @@ class Tracker:
         self._done = False
         stats._begin(uid)
 
-    def message(self, msg: dict[str, Any]) -> None:
-        """An engine message (``{"t": text, "f": finish, "u": [prompt, completion] | None}``) arrived.
+    def message(self, msg: Chunk) -> None:
+        """An engine message (an ``xdask.api.wire.Chunk``: text, finish reason, usage) arrived.
 
         Engines report usage only at the end; until then each message with
         text counts as one token so tokens/s moves while a long answer
@@ -159,12 +167,12 @@ class Tracker:
         """
         now = self._stats.clock()
         self.last = now
-        usage = msg.get("u")
+        usage = msg.get("usage")
         if usage:
-            self.prompt_tokens, self.tokens = int(usage[0]), int(usage[1])
-        elif msg.get("t"):
+            self.prompt_tokens, self.tokens = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+        elif msg.get("text"):
             self.tokens += 1
-        if self.first is None and msg.get("t"):
+        if self.first is None and msg.get("text"):
             self.first = now
         if self.tokens != self._counted:
             self._stats._tokens(self.uid, self.tokens - self._counted)
@@ -214,6 +222,26 @@ class RequestStats:
 
     def track(self, uid: str, streamed: bool) -> Tracker:
         """Start counting one request to model ``uid``; ``with`` it, or call ``finish`` when it ends."""
+        return Tracker(self, uid, streamed)
+
+    def admit(self, uid: str, record: dict[str, Any], streamed: bool) -> Tracker:
+        """``track`` a request to ``uid``, or 429 when the model already has ``request_limits`` in flight here.
+
+        A model launched with ``request_limits=N`` serves at most N requests
+        at once through each server; the N+1st gets 429 ``rate_limit_exceeded``
+        with ``Retry-After`` (``xdask.limits.retry-after``) instead of waiting
+        in a queue that would only grow under overload. The check and the
+        count happen in one step of the event loop (no await between them),
+        on the count the statistics already keep, so there is one bookkeeping
+        of what is in flight. The second bound, a replica's queue
+        (``xdask.limits.replica-queue``), is the actor's: it counts every
+        server's requests.
+        """
+        limit = record["spec"].get("request_limits")
+        if limit and self.in_flight(uid) >= limit:
+            self.reject(uid, REQUEST_LIMITS)
+            raise RateLimitError(f"Model {uid} is serving its limit of {limit} concurrent requests "
+                                 "(request_limits); retry shortly", param="model", retry_after=retry_after())
         return Tracker(self, uid, streamed)
 
     def forget(self, uid: str) -> None:

@@ -7,7 +7,7 @@
 - :mod:`xdask.auth.redact`: keep credentials out of logs;
 - :mod:`xdask.auth.store`: the client's side (``XDASK_API_KEY``, ``xdask login``'s tokens).
 
-The HTTP binding (which route needs which scope) is ``xdask_server.auth``.
+The HTTP binding (which route needs which scope) is ``xdask_server.route_scopes``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Who is calling, and may they: API keys, JWT access tokens and the login that issues them.
 
-Server-side and free of HTTP: the Tornado app (``xdask_server.auth``) hands
+Server-side and free of HTTP: the Tornado app (``xdask_server.route_scopes``) hands
 it the ``Authorization`` header and the scopes a route needs.
 
 - ``Authorization: Bearer sk-...``: an API key from the config file (the

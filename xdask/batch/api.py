@@ -60,9 +60,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from xdask import config
+from xdask.api.batch import CreateBatchRequest
 from xdask.batch.runner import URLS, error_outcome, parse_item, run_chunk
 from xdask.batch.store import BatchStore, Upload, line_key, new_id
 from xdask.errors import ConflictError, InvalidRequestError, NotFoundError, XdaskError
@@ -84,27 +83,6 @@ _MAX_REPORTED = 100
 
 #: Seconds between looks at a model that is not ready yet.
 _MODEL_POLL = 1.0
-
-
-class CreateBatchRequest(BaseModel):
-    """``POST /v1/batches``; the endpoint and window are checked by the manager, for a precise message."""
-
-    model_config = ConfigDict(strict=True, extra="ignore", protected_namespaces=())
-    input_file_id: str = Field(min_length=1, max_length=256)
-    endpoint: str = Field(min_length=1, max_length=256)
-    completion_window: str
-    metadata: dict[str, str] | None = None
-
-    @field_validator("metadata")
-    @classmethod
-    def _check_metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        if v is None:
-            return v
-        if len(v) > 16:
-            raise ValueError("at most 16 keys")
-        if any(len(k) > 64 for k in v) or any(len(x) > 512 for x in v.values()):
-            raise ValueError("keys are at most 64 characters, values at most 512")
-        return v
 
 
 # -- lines of the input, output and error files ----------------------------------
@@ -384,7 +362,8 @@ class BatchManager:
     async def delete_file(self, file_id: str) -> dict[str, Any]:
         """Delete a file; not the input of a batch that is still running (409), which would need it to resume."""
         self.get_file(file_id)
-        users = [j.id for j in self.jobs.values() if j.batch["input_file_id"] == file_id and j.batch["status"] in ACTIVE]
+        users = [j.id for j in self.jobs.values()
+                 if j.batch["input_file_id"] == file_id and j.batch["status"] in ACTIVE]
         if users:
             raise ConflictError(f"File {file_id} is the input of batch {users[0]}, which is still running",
                                 code="file_in_use")
@@ -488,7 +467,8 @@ class BatchManager:
         path = self.store.data_path(b["input_file_id"])
         if not path.exists():
             raise NotFoundError(f"The input file {b['input_file_id']} is gone")
-        items, fatal = await asyncio.to_thread(read_input, path, b["endpoint"], int(config.get("batch-api.max-requests")))
+        limit = int(config.get("batch-api.max-requests"))
+        items, fatal = await asyncio.to_thread(read_input, path, b["endpoint"], limit)
         if fatal:
             b["errors"] = {"object": "list", "data": fatal}
             b["request_counts"]["total"] = len(items)

@@ -186,7 +186,8 @@ class BatchFutures(list):  # list[Future]
                 yield start + j, outcome
 
     def progress(self) -> dict[str, int]:
-        """Counts now: ``items``, ``done`` (items of finished chunks), ``chunks``, ``chunks_done``, ``chunks_failed``."""
+        """Counts now: ``items``, ``done`` (items of finished chunks), ``chunks``, ``chunks_done``,
+        ``chunks_failed``."""
         finished = [f.status == "finished" for f in self]
         return {
             "items": sum(self.sizes),

@@ -12,16 +12,16 @@ its futures work with ``as_completed``/``gather``/``progress``, and the
 cluster's worker threads bound how many chunks run at once, which keeps the
 model full and memory flat.
 
-A chunk task runs on the worker's event loop (``async def``) and reaches a
-replica the way the server does: a ``Router`` over the worker's connection
-pool (least outstanding requests, a gone replica retried on another) and
-the ``xdask_generate`` stream op. One router per worker process, so chunks
-on one worker balance together.
+A chunk task runs on the worker's event loop (``async def``) and is served
+by the same functions as an HTTP request (``xdask.cluster.serving``): a
+``Router`` over the worker's connection pool (least outstanding requests, a
+gone replica retried on another) and the ``xdask_generate`` stream op. One
+router per worker process, so chunks on one worker balance together.
 
 Outcomes are plain dicts, one per item, in order::
 
     {"response": <chat.completion | text_completion | embeddings list>, "error": None, "attempts": 1}
-    {"response": None, "error": {"status", "type", "message", "param", "code"}, "attempts": 3}
+    {"response": None, "error": XdaskError.to_wire(), "attempts": 3}   (status, type, message, param, code, ...)
 
 An item is retried (on whatever replica is ready, after a backoff) only when
 the model was unreachable: a lost replica or worker, or a model with no
@@ -38,31 +38,23 @@ Examples
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pydantic
 
 from xdask import config
+from xdask.api.base import validation_error
+from xdask.api.chat import ChatCompletionRequest, CompletionRequest
+from xdask.api.embeddings import EmbeddingRequest
+from xdask.cluster import serving
 from xdask.cluster.routing import Router
 from xdask.errors import (
     InvalidRequestError,
     ModelNotReadyError,
-    NotFoundError,
     RateLimitError,
-    RequestTimeoutError,
     XdaskError,
+    internal_wire,
 )
-from xdask.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    internal_request,
-    resolve_max_tokens,
-    validation_error,
-)
-from xdask.responses import chat_completion, embedding_list, text_completion, usage
 
 #: A batch item's validated body.
 BatchRequest = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
@@ -83,13 +75,7 @@ _RECORD_TTL = 2.0
 
 def error_outcome(exc: BaseException, attempts: int = 1) -> dict[str, Any]:
     """The outcome of an item that failed for good."""
-    if isinstance(exc, XdaskError):
-        err = {"status": exc.status, "type": exc.type, "message": exc.message, "param": exc.param,
-               "code": exc.code}
-    else:
-        err = {"status": 500, "type": "internal_error", "message": f"{type(exc).__name__}: {exc}",
-               "param": None, "code": None}
-    return {"response": None, "error": err, "attempts": attempts}
+    return {"response": None, "error": internal_wire(exc), "attempts": attempts}
 
 
 def parse_item(kind: str, uid: str, body: Any) -> BatchRequest:
@@ -106,30 +92,11 @@ def parse_item(kind: str, uid: str, body: Any) -> BatchRequest:
         raise validation_error(exc) from None
 
 
-def _record_getter(worker: Any) -> Callable[[str, bool], Awaitable[dict[str, Any]]]:
-    """``(uid, fresh) -> record`` over the scheduler's registry, cached for ``_RECORD_TTL``."""
-    cache: dict[str, tuple[float, dict[str, Any]]] = {}
-
-    async def get_record(uid: str, fresh: bool) -> dict[str, Any]:
-        hit = cache.get(uid)
-        if not fresh and hit is not None and time.monotonic() - hit[0] < _RECORD_TTL:
-            return hit[1]
-        record = await worker.scheduler.xdask_model(uid=uid)
-        if record is None:
-            cache.pop(uid, None)
-            raise NotFoundError(f"Model not found in the model list, uid: {uid}", param="model",
-                                code="model_not_found")
-        cache[uid] = (time.monotonic(), record)
-        return record
-
-    return get_record
-
-
 def worker_router(worker: Any) -> Router:
     """This worker process's router to model replicas (made once)."""
     router = getattr(worker, "_xdask_batch_router", None)
     if router is None:
-        router = Router(worker.rpc, _record_getter(worker))
+        router = Router(worker.rpc, lambda uid: worker.scheduler.xdask_model(uid=uid), ttl=_RECORD_TTL)
         worker._xdask_batch_router = router
     return router
 
@@ -140,54 +107,23 @@ async def run_item(router: Router, uid: str, kind: str, body: Any, retries: int,
         req = parse_item(kind, uid, body)
     except XdaskError as exc:
         return error_outcome(exc)
-    timeout = float(config.get("server.request-timeout"))
     attempts = 0
     while True:
         attempts += 1
         try:
-            async with asyncio.timeout(timeout):
-                if isinstance(req, EmbeddingRequest):
-                    response = await _embed(router, uid, req)
-                else:
-                    response = await _generate(router, uid, req, fresh=attempts > 1)
+            # Bounded by xdask.server.request-timeout inside, as an HTTP request is (504).
+            record = await router.record(uid, fresh=attempts > 1)
+            if isinstance(req, EmbeddingRequest):
+                response, _ = await serving.embed(router, record, req)
+            else:
+                response = await serving.answer(router, record, req)
             return {"response": response, "error": None, "attempts": attempts}
-        except TimeoutError:
-            return error_outcome(RequestTimeoutError(f"The model took longer than {timeout} s"), attempts)
         except (ModelNotReadyError, RateLimitError) as exc:  # lost, not ready yet or full: worth another try
             if attempts > retries:
                 return error_outcome(exc, attempts)
             await asyncio.sleep(min(backoff * 2 ** (attempts - 1), 30.0))
         except Exception as exc:  # noqa: BLE001  (an item's failure is its outcome, not the batch's)
             return error_outcome(exc, attempts)
-
-
-async def _generate(router: Router, uid: str, req: ChatCompletionRequest | CompletionRequest,
-                    fresh: bool) -> dict[str, Any]:
-    """One chat or completion answer, as its OpenAI body."""
-    record = await router._get_record(uid, fresh)
-    internal = internal_request(req, resolve_max_tokens(req.requested_max_tokens,
-                                                        int(record["spec"]["context_length"])))
-    text: list[str] = []
-    finish: str | None = None
-    counts = (0, 0)
-    async for msg in router.stream(uid, internal):
-        text.append(msg["t"])
-        finish = msg["f"] or finish
-        if msg.get("u"):
-            counts = (int(msg["u"][0]), int(msg["u"][1]))
-    build = chat_completion if isinstance(req, ChatCompletionRequest) else text_completion
-    return build(uid, "".join(text), finish, usage(*counts))
-
-
-async def _embed(router: Router, uid: str, req: EmbeddingRequest) -> dict[str, Any]:
-    """One embeddings answer (the model's ``embed`` op), as OpenAI's ``list`` body.
-
-    A model of another type answers 400 ``wrong_model_type`` from its actor.
-    """
-    async for msg in router.stream(uid, {"kind": "invoke", "op": "embed", "payload": req.payload()}):
-        if "r" in msg:
-            return embedding_list(uid, msg["r"], req.encoding_format)
-    raise XdaskError(f"Model {uid} ended embed without a result")
 
 
 async def run_chunk(uid: str, kind: str, bodies: list[Any], retries: int | None = None,

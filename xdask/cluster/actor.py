@@ -6,7 +6,9 @@ pool, one thread per in-flight request, and is awaited from ``async def``
 methods, so one actor serves many requests at once and heartbeats go on.
 
 Tokens reach the server through the worker comm handler in
-``xdask.cluster.stream`` rather than one actor call per token: see FACTS.md.
+``xdask.cluster.stream`` (installed on every worker by
+``xdask.cluster.worker.XdaskWorkerPlugin``) rather than one actor call per
+token: see FACTS.md.
 
 Examples
 --------
@@ -14,7 +16,7 @@ Examples
 >>> client = Client()
 >>> fut = client.submit(ModelActor, "m1", launch, actor=True, workers=[addr])
 >>> actor = fut.result()
->>> actor.complete({"kind": "completion", "prompt": "Hi", "params": {"max_tokens": 8}}).result()
+>>> actor.describe().result()["max_concurrency"]
 """
 
 from __future__ import annotations
@@ -25,26 +27,24 @@ import gc
 import logging
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from distributed import get_worker
 
 from xdask.cluster.generation import build_params, build_prompt
-from xdask.cluster.stream import install_stream_handler
-from xdask.cluster.worker import gpu_ledger
+from xdask.cluster.ledger import gpu_ledger
 from xdask.engines import create_engine
-from xdask.engines.base import Delta
+from xdask.engines.base import Delta, Engine, TaskEngine
 from xdask.errors import (
     InvalidRequestError,
     LaunchCancelledError,
     ModelLoadError,
     ModelNotReadyError,
     RateLimitError,
-    XdaskError,
 )
 from xdask.hub import locate_model
 from xdask.hub import progress as launch_board
-from xdask.registry.specs import ResolvedModel
+from xdask.registry.specs import LLMFamily, ResolvedModel
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,8 @@ class ModelActor:
         worker = get_worker()
         # The worker's own ledger double-checks the scheduler's booking (and frees it on shutdown).
         self._ledger = gpu_ledger(worker)
-        self._holder = worker.get_current_task() or f"{uid}/{self.replica_id}"
-        self._ledger.claim(self._holder, list(self.gpu_idx or []), alive=set(worker.state.tasks),
+        self._holder = str(worker.get_current_task() or f"{uid}/{self.replica_id}")
+        self._ledger.claim(self._holder, list(self.gpu_idx or []), alive={str(key) for key in worker.state.tasks},
                            shared=bool(launch.get("allow_shared_gpu")))
         # What GET /v1/models/{uid}/progress reads and POST .../cancel flags (xdask.hub.progress).
         progress = launch_board.register(uid, self.replica_id, launch.get("since"))
@@ -114,8 +114,6 @@ class ModelActor:
         # Requests held beyond the engine's slots (None: no bound); the supervisor fixed it at launch.
         queue = launch.get("replica_queue")
         self._queue_limit: int | None = None if queue is None else max(0, int(queue))
-        install_stream_handler(worker)
-        install_stats_handler(worker)
         logger.info("Model %s/%s loaded from %s on GPU %s with %s", uid, self.replica_id, self.model_path,
                     self.gpu_idx, self.engine.describe())
 
@@ -173,13 +171,15 @@ class ModelActor:
         a client that hangs up stops using the model.
         """
         self._admit()
-        if not hasattr(self.engine, "generate"):
+        family = self.resolved.family
+        if not hasattr(self.engine, "generate") or not isinstance(family, LLMFamily):
             raise InvalidRequestError(
-                f"Model {self.uid} is a {self.resolved.family.model_type} model: it does not generate text",
+                f"Model {self.uid} is a {family.model_type} model: it does not generate text",
                 param="model", code="wrong_model_type",
             )
-        prompt = build_prompt(self.resolved.family, request, self.engine)
-        params = build_params(self.resolved.family, request)
+        engine = cast(Engine, self.engine)
+        prompt = build_prompt(family, request, engine)
+        params = build_params(family, request)
         loop = asyncio.get_running_loop()
         buffer: list[Delta] = []
         lock = threading.Lock()
@@ -197,12 +197,12 @@ class ModelActor:
         self._in_flight += 1
         self._requests_total += 1
         self._generating += 1
-        work = self._pool.submit(self.engine.generate, prompt, params, emit)
-        job = asyncio.wrap_future(work, loop=loop)
+        work = self._pool.submit(engine.generate, prompt, params, emit)
+        job: asyncio.Future[Any] = asyncio.wrap_future(work, loop=loop)
         job.add_done_callback(self._job_done)
         try:
             while True:
-                waiter = asyncio.ensure_future(ready.wait())
+                waiter: asyncio.Future[Any] = asyncio.ensure_future(ready.wait())
                 done, _ = await asyncio.wait({waiter, job}, return_when=asyncio.FIRST_COMPLETED)
                 if waiter not in done:
                     waiter.cancel()
@@ -228,20 +228,22 @@ class ModelActor:
         the engine batches concurrent calls itself where it can.
         """
         self._admit()
-        op = request.get("op")
-        ops = getattr(self.engine, "ops", frozenset())
+        op = str(request.get("op"))
+        ops: frozenset[str] = getattr(self.engine, "ops", frozenset())
         if op not in ops:
             kind = self.resolved.family.model_type
             raise InvalidRequestError(
                 f"Model {self.uid} is a {kind} model: it does not serve {op!r}"
-                + (f" (it serves: {', '.join(sorted(ops))})" if ops else " (it generates text: use chat or completions)"),
+                + (f" (it serves: {', '.join(sorted(ops))})" if ops
+                   else " (it generates text: use chat or completions)"),
                 param="model", code="wrong_model_type",
             )
         loop = asyncio.get_running_loop()
         self._in_flight += 1
         self._requests_total += 1
         try:
-            return await loop.run_in_executor(self._pool, self.engine.invoke, op, request.get("payload") or {})
+            engine = cast(TaskEngine, self.engine)
+            return await loop.run_in_executor(self._pool, engine.invoke, op, request.get("payload") or {})
         finally:
             self._in_flight -= 1
 
@@ -249,31 +251,6 @@ class ModelActor:
         self._generating -= 1
         if not job.cancelled():
             job.exception()  # retrieved, so an abandoned job's error is not logged as lost
-
-    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Whole answer for ``request``: ``{"text", "finish_reason", "usage"}``.
-
-        The Python-side entry point (notebooks, batch futures); the HTTP
-        server uses the stream handler, which also covers non-streaming calls.
-        """
-        text: list[str] = []
-        last = Delta(text="")
-        async for batch in self.stream(request, incremental=False):
-            for delta in batch:
-                text.append(delta.text)
-                if delta.finish_reason is not None:
-                    last.finish_reason = delta.finish_reason
-                if delta.completion_tokens is not None:
-                    last.prompt_tokens, last.completion_tokens = delta.prompt_tokens, delta.completion_tokens
-        return {
-            "text": "".join(text),
-            "finish_reason": last.finish_reason,
-            "usage": {
-                "prompt_tokens": last.prompt_tokens or 0,
-                "completion_tokens": last.completion_tokens or 0,
-                "total_tokens": (last.prompt_tokens or 0) + (last.completion_tokens or 0),
-            },
-        }
 
     async def shutdown(self) -> bool:
         """Stop serving and free the engine's memory before the actor is released."""
@@ -288,34 +265,3 @@ class ModelActor:
         gc.collect()
         logger.info("Model %s shut down", self.uid)
         return True
-
-
-#: The worker op that returns the figures of every model actor on the worker, by actor key.
-STATS_OP = "xdask_replica_stats"
-
-
-def replica_figures(worker: Any) -> dict[str, dict[str, Any]]:
-    """``ModelActor.figures`` of each model actor of ``worker``, keyed by actor key."""
-    return {key: actor.figures() for key, actor in list(worker.state.actors.items())
-            if isinstance(actor, ModelActor)}
-
-
-def install_stats_handler(worker: Any) -> None:
-    """Add the ``xdask_replica_stats`` op to a worker (idempotent).
-
-    The scheduler's registry calls it for the health check and for
-    ``/metrics``: one small message per worker, answered from the worker's
-    event loop without touching the engines.
-    """
-    if STATS_OP not in worker.handlers:
-        def handle() -> dict[str, dict[str, Any]]:
-            return replica_figures(worker)
-
-        worker.handlers[STATS_OP] = handle
-
-
-def error_payload(exc: BaseException) -> dict[str, Any]:
-    """An exception as the dict the stream protocol carries to the server."""
-    if isinstance(exc, XdaskError):
-        return {"status": exc.status, "type": exc.type, "message": exc.message, "param": exc.param, "code": exc.code}
-    return {"status": 500, "type": "internal_error", "message": f"{type(exc).__name__}: {exc}", "param": None, "code": None}

@@ -27,7 +27,7 @@ from typing import Any
 from distributed import Client
 
 from xdask import config
-from xdask.cluster.replicas import start_replica
+from xdask.cluster.replicas import scheduler_of, start_replica
 from xdask.errors import XdaskError
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Recovery:
         interval = float(config.get("cluster.watch-interval"))
         while True:
             try:
-                records = await self.client.scheduler.xdask_models()
+                records = await scheduler_of(self.client).xdask_models()
                 self._on_records(records)
                 self._schedule(records)
             except asyncio.CancelledError:
@@ -100,16 +100,16 @@ class Recovery:
     async def _relaunch(self, uid: str, replica_id: int) -> None:
         slot = (uid, replica_id)
         try:
-            record = await self.client.scheduler.xdask_model(uid=uid)
+            record = await scheduler_of(self.client).xdask_model(uid=uid)
             if record is None:
                 return
             excluded = await self._excluded_for(record)
-            claim = await self.client.scheduler.xdask_claim_relaunch(
+            claim = await scheduler_of(self.client).xdask_claim_relaunch(
                 uid=uid, replica_id=replica_id, excluded=excluded, gpu_free=await self._gpu_free()
             )
             if not claim.get("ok"):
-                if claim.get("status"):  # no room now: try again later
-                    self._backoff(slot, claim.get("message", ""))
+                if claim.get("error"):  # no room now: try again later
+                    self._backoff(slot, claim["error"].get("message", ""))
                 return
             started = time.monotonic()
             await start_replica(self.client, uid, claim["replica"], claim["launch"])

@@ -45,7 +45,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from xdask import config
 from xdask.cluster.placement import PlacementRequest, WorkerView, place_replicas
-from xdask.errors import XdaskError
+from xdask.errors import ConflictError, XdaskError
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ def model_state(record: dict[str, Any]) -> str:
 
 
 def _error(exc: XdaskError) -> dict[str, Any]:
-    return {"ok": False, "status": exc.status, "type": exc.type, "message": exc.message,
-            "param": exc.param, "code": exc.code}
+    """A handler's refusal: ``{"ok": False, "error": <wire>}`` (the caller raises ``errors.from_wire``)."""
+    return {"ok": False, "error": exc.to_wire()}
 
 
 class ModelRegistry(SchedulerPlugin):
@@ -171,8 +171,7 @@ class ModelRegistry(SchedulerPlugin):
     ) -> dict[str, Any]:
         """Choose and book every replica of a new model in one step; the record starts ``launching``."""
         if uid in self.records:
-            return {"ok": False, "status": 409, "type": "conflict_error",
-                    "message": f"Model uid {uid!r} is already in use", "param": "model_uid", "code": None}
+            return _error(ConflictError(f"Model uid {uid!r} is already in use", param="model_uid"))
         req = PlacementRequest(**placement)
         try:
             chosen = place_replicas(
@@ -191,8 +190,8 @@ class ModelRegistry(SchedulerPlugin):
             "restart_on_failure": bool(restart_on_failure), "replicas": replicas, "history": [],
             "created": now, "was_ready": False,
         }
-        for rep in replicas:
-            self._note(uid, rep["replica_id"], "placed", f"{rep['address']} GPU {rep['gpu_idx']}")
+        for i, p in enumerate(chosen):
+            self._note(uid, i, "placed", f"{p.address} GPU {p.gpu_idx}")
         return {"ok": True, "replicas": copy.deepcopy(replicas)}
 
     def replica_ready(self, uid: str, replica_id: int, actor_key: str, engine: dict[str, Any] | None = None
@@ -249,7 +248,7 @@ class ModelRegistry(SchedulerPlugin):
         if record["placement"].get("gpu_idx") and placement["gpu_idx"] is None:
             placement["n_gpu"] = len(record["placement"]["gpu_idx"])
         req = PlacementRequest(**placement)
-        same = {}
+        same: dict[str, int] = {}
         for other in record["replicas"]:
             if other is not rep and other["state"] in _BOOKING_STATES:
                 same[other["address"]] = same.get(other["address"], 0) + 1

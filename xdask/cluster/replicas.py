@@ -20,7 +20,7 @@ from distributed import Client
 
 from xdask import config
 from xdask.cluster.actor import ModelActor
-from xdask.errors import ModelLoadError, WorkerLostError, XdaskError
+from xdask.errors import ModelLoadError, ModelNotReadyError, WorkerLostError, XdaskError
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,16 @@ async def _describe_actor(dask_worker: Any, actor_key: str) -> dict[str, Any] | 
     """Run on the worker: the actor's own description (engine, GPUs, load), None if gone."""
     actor = dask_worker.state.actors.get(actor_key)
     return None if actor is None else await actor.describe()
+
+
+def scheduler_of(client: Client) -> Any:
+    """The client's scheduler RPC, whose ``xdask_*`` handlers are the registry's (``registry_plugin``).
+
+    ``Any``: Dask builds an RPC method per attribute, so they have no static types.
+    """
+    if client.scheduler is None:
+        raise ModelNotReadyError("Not connected to the Dask scheduler")
+    return client.scheduler
 
 
 def _call_timeout() -> float:
@@ -76,7 +86,7 @@ async def shutdown_replica(client: Client, replica: dict[str, Any]) -> None:
 
 
 async def _replica_state(client: Client, uid: str, replica_id: int) -> str | None:
-    record = await client.scheduler.xdask_model(uid=uid)
+    record = await scheduler_of(client).xdask_model(uid=uid)
     if record is None:
         return None
     for rep in record["replicas"]:
@@ -127,13 +137,13 @@ async def start_replica(client: Client, uid: str, replica: dict[str, Any], launc
             f"Failed to load {uid} on {address}: {type(exc).__name__}: {exc}"
         )
         try:
-            await client.scheduler.xdask_replica_failed(uid=uid, replica_id=rid, error=error.message)
+            await scheduler_of(client).xdask_replica_failed(uid=uid, replica_id=rid, error=error.message)
         except OSError:
             pass
         if isinstance(exc, XdaskError) or not isinstance(exc, Exception):
             raise
         raise error from exc
-    done = await client.scheduler.xdask_replica_ready(uid=uid, replica_id=rid, actor_key=key, engine=engine)
+    done = await scheduler_of(client).xdask_replica_ready(uid=uid, replica_id=rid, actor_key=key, engine=engine)
     future.release()  # the registry holds the actor from here on
     if not done["ok"]:
         await shutdown_replica(client, {"actor_key": key, "address": address})

@@ -7,17 +7,18 @@ sends one ``xdask_generate`` op; the worker's handler pushes whatever text
 is buffered each time the comm is free, so tokens travel in batches under
 load and one by one when idle.
 
-Protocol on one comm, per request::
+Protocol on one comm, per request (the messages are ``xdask.api.wire`` types)::
 
     server -> worker  {"op": "xdask_generate", "actor_key", "request", "reply": False}
-    worker -> server  {"t": text, "f": finish_reason, "u": [prompt, completion]} ...
-    worker -> server  {"end": True}            or {"error": {...}}
+    worker -> server  {"text", "finish_reason", "usage": {prompt_tokens, completion_tokens}} ...
+    worker -> server  {"end": True}            or {"error": XdaskError.to_wire()}
                       (a non-streamed request gets one message: its text, usage and "end";
                       a non-generative op, ``{"kind": "invoke", "op", "payload"}``, gets
-                      ``{"r": result, "end": True}``)
+                      ``{"result": ..., "end": True}``)
     server -> worker  {"ack": True}            the comm goes back to the pool
 
-Closing the comm before ``end`` cancels the generation on the worker.
+Closing the comm before ``end`` cancels the generation on the worker. The
+worker side is installed by ``xdask.cluster.worker.XdaskWorkerPlugin``.
 """
 
 from __future__ import annotations
@@ -30,17 +31,14 @@ from typing import Any
 
 from distributed.comm.core import CommClosedError
 
+from xdask.api.wire import Chunk, GenerationRequest, InvokeRequest, Usage
 from xdask.engines.base import Delta
 from xdask.errors import (
-    ConflictError,
-    GenerationError,
-    InvalidRequestError,
     ModelNotReadyError,
-    NotFoundError,
-    RateLimitError,
-    RequestTimeoutError,
     WorkerLostError,
     XdaskError,
+    from_wire,
+    internal_wire,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,15 +46,16 @@ logger = logging.getLogger(__name__)
 OP = "xdask_generate"
 
 
-def _merge(batch: list[Delta]) -> dict[str, Any]:
+def merge_deltas(batch: list[Delta]) -> Chunk:
     """One wire message for a batch of deltas: joined text, last finish and usage."""
-    msg: dict[str, Any] = {"t": "".join(d.text for d in batch), "f": None, "u": None}
+    finish: str | None = None
+    usage: Usage | None = None
     for d in batch:
         if d.finish_reason is not None:
-            msg["f"] = d.finish_reason
+            finish = d.finish_reason
         if d.completion_tokens is not None:
-            msg["u"] = [d.prompt_tokens or 0, d.completion_tokens]
-    return msg
+            usage = {"prompt_tokens": d.prompt_tokens or 0, "completion_tokens": d.completion_tokens}
+    return {"text": "".join(d.text for d in batch), "finish_reason": finish, "usage": usage}
 
 
 class StreamHandler:
@@ -71,9 +70,8 @@ class StreamHandler:
         actor = self.worker.state.actors.get(actor_key)
         try:
             if actor is None:
-                await comm.write({"error": {"status": 503, "type": "service_unavailable",
-                                            "message": "model is not on this worker any more",
-                                            "param": None, "code": "model_gone"}})
+                gone = ModelNotReadyError("model is not on this worker any more", code="model_gone")
+                await comm.write({"error": gone.to_wire()})
             else:
                 await self._pump(comm, actor, request, reader)
         except (CommClosedError, OSError):
@@ -85,8 +83,6 @@ class StreamHandler:
                 pass
 
     async def _pump(self, comm: Any, actor: Any, request: dict[str, Any], reader: asyncio.Future) -> None:
-        from xdask.cluster.actor import error_payload
-
         if request.get("kind") == "invoke":  # a non-generative op: one answer
             await self._invoke(comm, actor, request, reader)
             return
@@ -107,24 +103,22 @@ class StreamHandler:
                 except StopAsyncIteration:
                     break
                 if incremental:
-                    await comm.write(_merge(batch))
+                    await comm.write(merge_deltas(batch))
                 else:
                     held.extend(batch)
-            await comm.write({**_merge(held), "end": True} if held else {"end": True})
+            await comm.write({**merge_deltas(held), "end": True} if held else {"end": True})
         except (CommClosedError, OSError):
             raise
         except Exception as exc:  # the engine's error, reported to the server
             if not isinstance(exc, XdaskError):
                 logger.exception("Generation failed")
-            await comm.write({"error": error_payload(exc)})
+            await comm.write({"error": internal_wire(exc)})
         finally:
             await gen.aclose()
 
 
     async def _invoke(self, comm: Any, actor: Any, request: dict[str, Any], reader: asyncio.Future) -> None:
-        """``{"r": result, "end": True}`` or ``{"error": ...}``; the server hanging up abandons the result."""
-        from xdask.cluster.actor import error_payload
-
+        """``{"result": ..., "end": True}`` or ``{"error": ...}``; the server hanging up abandons the result."""
         call = asyncio.ensure_future(actor.invoke(request))
         await asyncio.wait({call, reader}, return_when=asyncio.FIRST_COMPLETED)
         if not call.done():  # the server closed the comm; the op finishes on its thread, unread
@@ -135,36 +129,13 @@ class StreamHandler:
         except Exception as exc:
             if not isinstance(exc, XdaskError):
                 logger.exception("%s failed", request.get("op"))
-            await comm.write({"error": error_payload(exc)})
+            await comm.write({"error": internal_wire(exc)})
             return
-        await comm.write({"r": result, "end": True})
+        await comm.write({"result": result, "end": True})
 
 
-def install_stream_handler(worker: Any) -> None:
-    """Add the ``xdask_generate`` op to a worker (idempotent)."""
-    if OP not in worker.handlers:
-        worker.handlers[OP] = StreamHandler(worker).handle
-
-
-_ERRORS: dict[int, type[XdaskError]] = {
-    400: InvalidRequestError,
-    404: NotFoundError,
-    409: ConflictError,
-    429: RateLimitError,
-    503: ModelNotReadyError,
-    504: RequestTimeoutError,
-}
-
-
-def error_from_payload(payload: dict[str, Any]) -> XdaskError:
-    """Rebuild the worker's exception on the server side."""
-    cls = _ERRORS.get(int(payload.get("status", 500)), GenerationError)
-    exc = cls(str(payload.get("message")), param=payload.get("param"), code=payload.get("code"))
-    exc.type = payload.get("type") or exc.type
-    return exc
-
-
-async def open_stream(pool: Any, address: str, actor_key: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def open_stream(pool: Any, address: str, actor_key: str,
+                      request: GenerationRequest | InvokeRequest) -> AsyncIterator[Chunk]:
     """The server side: yield the worker's messages for one request.
 
     ``pool`` is the Dask client's ``ConnectionPool`` (``client.rpc``), so comms
@@ -183,11 +154,11 @@ async def open_stream(pool: Any, address: str, actor_key: str, request: dict[str
             if "error" in msg:
                 await comm.write({"ack": True})
                 clean = True
-                raise error_from_payload(msg["error"])
+                raise from_wire(msg["error"])
             if msg.get("end"):
                 await comm.write({"ack": True})
                 clean = True
-                if "t" in msg or "r" in msg:
+                if "text" in msg or "result" in msg:
                     yield msg
                 return
             yield msg

@@ -10,9 +10,11 @@ lost with a dead worker (``recovery``).
 Examples
 --------
 >>> sup = await Supervisor.connect("tcp://127.0.0.1:8786")      # doctest: +SKIP
->>> uid = await sup.launch({"model_name": "gemma-3-270m", "model_engine": "llama.cpp", "replica": 2})
->>> async for msg in sup.stream(uid, {"kind": "completion", "prompt": "Hi", "params": {"max_tokens": 8}}):
-...     print(msg["t"], end="")
+>>> uid = await sup.launch(LaunchModelRequest(model_name="gemma-3-270m", model_engine="llama.cpp", replica=2))
+>>> record = await sup.record(uid)
+>>> async for chunk in sup.router.stream(uid, {"kind": "completion", "prompt": "Hi",
+...                                            "params": {"max_tokens": 8}}, record=record):
+...     print(chunk["text"], end="")
 >>> await sup.terminate(uid)
 """
 
@@ -23,25 +25,27 @@ import logging
 import pathlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import dask.config
+import pydantic
 from distributed import Client
 from distributed.utils import format_dashboard_link
 
 from xdask import config
-from xdask.cluster.gpus import gpu_free_memory
+from xdask.api.base import validation_error
+from xdask.api.models import LaunchModelRequest
 from xdask.cluster.memory import estimate_replica_bytes
 from xdask.cluster.placement import PlacementRequest
 from xdask.cluster.recovery import Recovery
 from xdask.cluster.registry_plugin import ModelRegistry
-from xdask.cluster.replicas import describe_replica, shutdown_replica, start_replica
+from xdask.cluster.replicas import describe_replica, scheduler_of, shutdown_replica, start_replica
 from xdask.cluster.routing import Router
-from xdask.cluster.stream import error_from_payload
+from xdask.cluster.worker import XdaskWorkerPlugin
 from xdask.engines import check_engine
+from xdask.engines.host import gpu_free_memory
 from xdask.engines.matrix import collect_host_facts, family_matrix, why_not
-from xdask.errors import ConflictError, InvalidRequestError, NotFoundError, XdaskError
+from xdask.errors import ConflictError, InvalidRequestError, NotFoundError, XdaskError, from_wire
 from xdask.hub.cache import check_model_version, list_cached, remove_cached
 from xdask.hub.download import preferred_hub
 from xdask.hub.progress import (
@@ -55,31 +59,19 @@ from xdask.registry.families import find_family, normalize_model_type, type_fact
 
 logger = logging.getLogger(__name__)
 
-#: Launch fields that describe the model or its placement; everything else goes to the engine.
-_LAUNCH_FIELDS = {
-    "model_uid", "model_name", "model_type", "model_engine", "model_format",
-    "model_size_in_billions", "quantization", "replica", "n_gpu", "gpu_idx",
-    "worker_ip", "worker_address", "restart_on_failure", "allow_shared_gpu",
-    "model_path", "n_worker", "request_limits", "peft_model_config",
-    "replica_config", "enable_thinking", "enable_virtual_env", "virtual_env_packages",
-    "virtual_env_find_links", "envs", "model_hub", "download_hub",
-}
-
-
 class Supervisor:
     """Control plane of xdask over one async Dask ``Client``."""
 
     def __init__(self, client: Client, watch: bool = True):
         self.client = client
-        self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
-        self._ttl = 2.0
         self._hosts: tuple[float, dict[str, dict[str, Any]]] | None = None
         self._hosts_ttl = 30.0
         self._dask_dashboard: tuple[float, str | None] | None = None
         #: Model launches through this supervisor by outcome (``ok``, ``failed``): ``/metrics`` reads it.
         self.launches: Counter[str] = Counter()
-        self.router = Router(client.rpc, self._get_record)
-        self.recovery = Recovery(client, self._refresh_cache, self._excluded_for, self.gpu_free)
+        #: Routes requests to replicas and keeps the registry records of the models (2 s, and the watch loop).
+        self.router = Router(client.rpc, lambda uid: self.scheduler.xdask_model(uid=uid))
+        self.recovery = Recovery(client, self.router.refresh, self._excluded_for, self.gpu_free)
         if watch:
             self.recovery.start()
 
@@ -93,7 +85,14 @@ class Supervisor:
         dask.config.set(dict(config.get("cluster.dask-config") or {}))
         client = await Client(address, asynchronous=True, direct_to_workers=True, set_as_default=False)
         await client.register_plugin(ModelRegistry())
+        # Every worker, present or joining later, gets the comm ops the model actors are reached by.
+        await client.register_plugin(XdaskWorkerPlugin())
         return cls(client, watch=watch)
+
+    @property
+    def scheduler(self) -> Any:
+        """The scheduler's RPC: the registry's ``xdask_*`` handlers and Dask's own (``identity``)."""
+        return scheduler_of(self.client)
 
     async def close(self) -> None:
         await self.recovery.stop()
@@ -102,17 +101,13 @@ class Supervisor:
     # -- catalog of running models ---------------------------------------
 
     async def list_models(self) -> list[dict[str, Any]]:
-        records = await self.client.scheduler.xdask_models()
-        self._refresh_cache(records)
+        records = await self.scheduler.xdask_models()
+        self.router.refresh(records)
         return records
 
     async def get_model(self, uid: str) -> dict[str, Any]:
-        record = await self.client.scheduler.xdask_model(uid=uid)
-        if record is None:
-            self._cache.pop(uid, None)
-            raise NotFoundError(f"Model not found in the model list, uid: {uid}", param="model", code="model_not_found")
-        self._cache[uid] = (time.monotonic(), record)
-        return record
+        """The model's registry record, read now (404 if unknown)."""
+        return await self.router.record(uid, fresh=True)
 
     async def describe_model(self, uid: str) -> dict[str, Any]:
         """The record with each replica's live load: its actor's in-flight count and ours."""
@@ -138,11 +133,11 @@ class Supervisor:
 
     def cached_records(self) -> list[dict[str, Any]]:
         """The registry records as this server last read them (no call; refreshed by the watch loop)."""
-        return [record for _, record in self._cache.values()]
+        return list(self.router.records().values())
 
     def knows(self, uid: str) -> bool:
         """Whether ``uid`` is a model this server knows of now (no call): bounds metric labels."""
-        return uid in self._cache
+        return uid in self.router.records()
 
     async def replica_stats(self, timeout: float | None = None) -> dict[str, Any]:
         """Each replica's live figures from its worker (``ModelRegistry.replica_stats``), within ``timeout``.
@@ -151,7 +146,7 @@ class Supervisor:
         worker's answer; the scheduler call itself gets one more second.
         """
         wait = float(config.get("metrics.worker-timeout") if timeout is None else timeout)
-        return await asyncio.wait_for(self.client.scheduler.xdask_replica_stats(timeout=wait), wait + 1.0)
+        return await asyncio.wait_for(self.scheduler.xdask_replica_stats(timeout=wait), wait + 1.0)
 
     def known_models(self) -> list[str]:
         """The uids of the models this server knows of now, without asking the scheduler.
@@ -159,26 +154,20 @@ class Supervisor:
         The watch loop refreshes this view every ``cluster.watch-interval``;
         the request statistics use it to forget models that are gone.
         """
-        return list(self._cache)
+        return list(self.router.records())
 
-    async def _record(self, uid: str) -> dict[str, Any]:
-        return await self._get_record(uid, False)
+    async def record(self, uid: str) -> dict[str, Any]:
+        """The registry record of model ``uid`` as routing sees it (cached for 2 s; 404 if unknown).
 
-    async def _get_record(self, uid: str, fresh: bool) -> dict[str, Any]:
-        hit = self._cache.get(uid)
-        if not fresh and hit is not None and time.monotonic() - hit[0] < self._ttl:
-            return hit[1]
-        return await self.get_model(uid)
-
-    def _refresh_cache(self, records: list[dict[str, Any]]) -> None:
-        now = time.monotonic()
-        self._cache = {r["model_uid"]: (now, r) for r in records}
+        The request path reads it once per request and hands it on.
+        """
+        return await self.router.record(uid)
 
     # -- cluster views --------------------------------------------------------
 
     async def workers(self) -> list[dict[str, Any]]:
         """``GET /v1/cluster/workers``: every worker's resources, GPUs, replicas and memory."""
-        return await self.client.scheduler.xdask_workers()
+        return await self.scheduler.xdask_workers()
 
     async def dask_dashboard_link(self) -> str | None:
         """The URL of Dask's own dashboard for this cluster, or None when it does not run.
@@ -200,7 +189,7 @@ class Supervisor:
             return self._dask_dashboard[1] if self._dask_dashboard else None
         link = None
         if port:
-            host = self.client.scheduler.address.split("://")[-1].rsplit(":", 1)[0]
+            host = self.scheduler.address.split("://")[-1].rsplit(":", 1)[0]
             link = format_dashboard_link(host, port)
         self._dask_dashboard = (now, link)
         return link
@@ -218,13 +207,13 @@ class Supervisor:
         disabled = bool(config.get("health-check.disable"))
         attempts = int(config.get("health-check.attempts"))
         try:
-            identity = await asyncio.wait_for(self.client.scheduler.identity(), timeout)
-            records = await asyncio.wait_for(self.client.scheduler.xdask_models(), timeout)
+            identity = await asyncio.wait_for(self.scheduler.identity(), timeout)
+            records = await asyncio.wait_for(self.scheduler.xdask_models(), timeout)
         except (OSError, TimeoutError) as exc:
             why = str(exc) or f"no answer within {timeout:g} s"
-            return {"status": "down", "scheduler": self.client.scheduler.address, "workers": 0, "models": {},
+            return {"status": "down", "scheduler": self.scheduler.address, "workers": 0, "models": {},
                     "ready_models": 0, "health_check": not disabled, "problems": [f"scheduler unreachable: {why}"]}
-        self._refresh_cache(records)
+        self.router.refresh(records)
         problems = []
         workers = identity.get("workers", {})
         if not workers:
@@ -279,7 +268,7 @@ class Supervisor:
 
     async def gpu_free(self) -> dict[str, dict[int, int]]:
         """Free bytes per GPU label of each worker that has GPUs, read now (not cached: it moves)."""
-        identity = await self.client.scheduler.identity()
+        identity = await self.scheduler.identity()
         with_gpus = [a for a, w in identity.get("workers", {}).items() if (w.get("resources") or {}).get("GPU")]
         if not with_gpus:
             return {}
@@ -358,12 +347,17 @@ class Supervisor:
 
     # -- launch / terminate ----------------------------------------------
 
-    async def launch(self, request: dict[str, Any]) -> str:
+    async def launch(self, request: LaunchModelRequest | dict[str, Any]) -> str:
         """Place and load every replica of a model; returns its uid once all serve.
 
         If any replica fails to load, the others are stopped and the launch
         fails with that replica's error: a launch is all or nothing.
         """
+        if not isinstance(request, LaunchModelRequest):
+            try:
+                request = LaunchModelRequest.model_validate(request)
+            except pydantic.ValidationError as exc:
+                raise validation_error(exc) from None
         try:
             uid = await self._launch(request)
         except BaseException:
@@ -372,30 +366,28 @@ class Supervisor:
         self.launches["ok"] += 1
         return uid
 
-    async def _launch(self, request: dict[str, Any]) -> str:
-        model_name = request.get("model_name")
-        if not model_name:
-            raise InvalidRequestError("model_name is required", param="model_name")
-        model_type = normalize_model_type(request.get("model_type") or "LLM")
+    async def _launch(self, request: LaunchModelRequest) -> str:
+        model_name = request.model_name
+        model_type = normalize_model_type(request.model_type or "LLM")
         resolved = resolve(
             model_name,
-            request.get("model_format"),
-            request.get("model_size_in_billions"),
-            request.get("quantization"),
+            request.model_format,
+            request.model_size_in_billions,
+            request.quantization,
             model_type=model_type,
         )
-        placement = PlacementRequest.from_launch(request)
+        placement = PlacementRequest.from_launch(request.model_dump())
         hosts = await self.host_facts()
-        identity = await self.client.scheduler.identity()
+        identity = await self.scheduler.identity()
         if set(identity.get("workers", {})) - set(hosts):  # a worker joined since: ask again
             hosts = await self.host_facts(refresh=True)
-        engine = check_engine(resolved, request.get("model_engine"), list(hosts.values()))
-        uid = request.get("model_uid") or model_name
-        engine_kwargs = {k: v for k, v in request.items() if k not in _LAUNCH_FIELDS and v is not None}
+        engine = check_engine(resolved, request.model_engine, list(hosts.values()))
+        uid = request.model_uid or model_name
+        engine_kwargs = request.engine_kwargs()
         # Reads GGUF metadata or config.json from this machine's disk (never downloads): off the loop.
         placement.memory_bytes = await asyncio.to_thread(
             estimate_replica_bytes, resolved, placement.n_gpu != 0, engine=engine,
-            engine_kwargs=engine_kwargs, model_path=request.get("model_path"),
+            engine_kwargs=engine_kwargs, model_path=request.model_path,
         )
         family = resolved.family
         spec = {
@@ -412,30 +404,30 @@ class Supervisor:
             "context_length": getattr(family, "context_length", None),
             "engine_kwargs": engine_kwargs,
             # Concurrent requests to this model each server admits (None: no limit); more get 429.
-            "request_limits": _request_limits(request.get("request_limits")),
+            "request_limits": request.request_limits,
             # Type-specific facts clients read from GET /v1/models/{uid} (dimensions, max_tokens, ...).
             **type_facts(family),
         }
         launch = {
             "resolved": resolved.model_dump(mode="json"),
             "model_engine": engine,
-            "model_path": request.get("model_path"),
+            "model_path": request.model_path,
             "engine_kwargs": engine_kwargs,
             "allow_shared_gpu": placement.allow_shared_gpu,
             # Checked here so that a wrong name fails the launch before any replica is placed.
-            "download_hub": preferred_hub(request["download_hub"]) if request.get("download_hub") else None,
+            "download_hub": preferred_hub(request.download_hub) if request.download_hub else None,
             # Requests each replica holds beyond its engine's slots (None: no bound), fixed for the model's life.
             "replica_queue": config.get("limits.replica-queue"),
         }
-        restart = request.get("restart_on_failure")
-        placed = await self.client.scheduler.xdask_place(
+        restart = request.restart_on_failure
+        placed = await self.scheduler.xdask_place(
             uid=uid, spec=spec, launch=launch, placement=placement.to_dict(),
             restart_on_failure=bool(config.get("cluster.restart-on-failure") if restart is None else restart),
             excluded=await self._excluded(engine, resolved.spec.model_format, resolved.family.model_type),
             gpu_free=await self.gpu_free() if placement.n_gpu != 0 else None,
         )
         if not placed["ok"]:
-            raise error_from_payload(placed)
+            raise from_wire(placed["error"])
         results = await asyncio.gather(
             *(start_replica(self.client, uid, rep, launch) for rep in placed["replicas"]), return_exceptions=True
         )
@@ -450,11 +442,11 @@ class Supervisor:
 
     async def _discard(self, uid: str) -> None:
         """Stop whatever replicas of ``uid`` started and forget it."""
-        record = await self.client.scheduler.xdask_model(uid=uid)
+        record = await self.scheduler.xdask_model(uid=uid)
         if record is not None:
             await asyncio.gather(*(shutdown_replica(self.client, r) for r in record["replicas"]))
-        await self.client.scheduler.xdask_remove_model(uid=uid)
-        self._cache.pop(uid, None)
+        await self.scheduler.xdask_remove_model(uid=uid)
+        self.router.forget(uid)
 
     async def terminate(self, uid: str) -> None:
         """Free the model's memory and GPUs on its worker(s) and forget it."""
@@ -510,45 +502,11 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + float(config.get("launch.cancel-wait"))
         while loop.time() < deadline:
-            current = await self.client.scheduler.xdask_model(uid=uid)
+            current = await self.scheduler.xdask_model(uid=uid)
             if current is None or current.get("created") != record.get("created"):
                 return {"model_uid": uid, "state": "cancelled"}
             await asyncio.sleep(0.1)
         return {"model_uid": uid, "state": "cancelling"}
-
-    # -- requests -----------------------------------------------------------
-
-    async def invoke(self, uid: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Run a non-generative op (embed, rerank, text_to_image, transcribe, ...) on a replica of ``uid``.
-
-        Routed like a generation (least outstanding requests; a gone replica
-        is retried on another), bounded by ``xdask.server.request-timeout``.
-        """
-        from xdask.errors import RequestTimeoutError
-
-        deadline = float(config.get("server.request-timeout"))
-        try:
-            async with asyncio.timeout(deadline):
-                async for msg in self.router.stream(uid, {"kind": "invoke", "op": op, "payload": payload}):
-                    if "r" in msg:
-                        return msg["r"]
-        except TimeoutError as exc:
-            raise RequestTimeoutError(f"The model took longer than {deadline} s") from exc
-        raise XdaskError(f"Model {uid} ended {op} without a result")
-
-    def stream(self, uid: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Route one generation request to the least-loaded ready replica and yield its messages."""
-        return self.router.stream(uid, request)
-
-
-def _request_limits(value: Any) -> int | None:
-    """A launch's ``request_limits``: None or a positive integer (400 otherwise)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidRequestError("request_limits must be a positive integer (concurrent requests) or null",
-                                  param="request_limits")
-    return value
 
 
 def _host(address: str) -> str:

@@ -1,106 +1,76 @@
-"""The worker side of an xdask cluster: the GPU ledger plugin and the preload.
+"""The worker side of an xdask cluster: one ``WorkerPlugin`` that installs what a worker serves, and the preload.
 
-Use it as ``dask worker --resources GPU=2 --preload xdask.cluster.worker``
-(``xdask-worker`` adds both). The scheduler's ``ModelRegistry`` decides which
-GPU indices a replica gets; this plugin is the worker's own ledger of them,
-so that two actors in one worker process never hold the same index even if
-two schedulers' worth of clients race (a second line of defence), and so
-that an actor can ask which CUDA devices its labels mean on this machine.
+``XdaskWorkerPlugin.setup`` (as distributed's shuffle plugin installs its
+handlers) gives each worker
+
+* the ``xdask_generate`` comm op (``xdask.cluster.stream``): tokens and op
+  results of the model actors on this worker, pushed to the server;
+* the ``xdask_replica_stats`` op: each model actor's load figures, for the
+  health check and ``/metrics``;
+* its GPU ledger (``xdask.cluster.ledger``).
+
+``Supervisor.connect`` registers the plugin, so every worker of the cluster,
+present or joining later, has it before a model is placed on it. Use
+``dask worker --resources GPU=2 --preload xdask.cluster.worker`` (what
+``xdask-worker`` runs) to also get xdask's logs on the worker.
 
 Examples
 --------
->>> from distributed import get_worker                          # doctest: +SKIP
->>> ledger = gpu_ledger(get_worker())
->>> ledger.claim("my-model/0", [1])
->>> ledger.snapshot()
-{'total': 2, 'taken': {1: ['my-model/0']}}
->>> ledger.release("my-model/0")
+>>> from distributed import Client                              # doctest: +SKIP
+>>> client = Client("tcp://127.0.0.1:8786")
+>>> client.register_plugin(XdaskWorkerPlugin())
+>>> client.run(lambda dask_worker: STREAM_OP in dask_worker.handlers)
+{'tcp://127.0.0.1:40123': True}
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from xdask.errors import ConflictError, InvalidRequestError
+from xdask.cluster.actor import ModelActor
+from xdask.cluster.ledger import PLUGIN_NAME, gpu_ledger
+from xdask.cluster.stream import OP as STREAM_OP
+from xdask.cluster.stream import StreamHandler
 
 logger = logging.getLogger(__name__)
 
-PLUGIN_NAME = "xdask-gpus"
+__all__ = ["PLUGIN_NAME", "STATS_OP", "STREAM_OP", "XdaskWorkerPlugin", "dask_setup", "replica_figures"]
+
+#: The worker op that returns the figures of every model actor on the worker, by actor key.
+STATS_OP = "xdask_replica_stats"
 
 
-class GPULedger(WorkerPlugin):
-    """Which of this worker's GPU indices each model replica holds.
+def replica_figures(worker: Any) -> dict[str, dict[str, Any]]:
+    """``ModelActor.figures`` of each model actor of ``worker``, keyed by actor key."""
+    return {key: actor.figures() for key, actor in list(worker.state.actors.items())
+            if isinstance(actor, ModelActor)}
 
-    Indices are labels ``0 .. GPU-1`` of the worker's ``GPU`` resource; on a
-    CUDA machine they are the ordinals of the devices the worker sees.
-    """
 
-    name = PLUGIN_NAME
+class XdaskWorkerPlugin(WorkerPlugin):
+    """Installs xdask's comm ops and GPU ledger on a worker (idempotent)."""
+
+    name = "xdask-worker"
     idempotent = True
 
-    def __init__(self) -> None:
-        self.total = 0
-        self.taken: dict[int, set[str]] = {}
-        self._lock = threading.Lock()
-
     def setup(self, worker: Any) -> None:
-        self.total = int(worker.state.total_resources.get("GPU", 0))
+        gpu_ledger(worker)
+        if STREAM_OP not in worker.handlers:
+            worker.handlers[STREAM_OP] = StreamHandler(worker).handle
+        if STATS_OP not in worker.handlers:
+            # One small message per worker, answered from its event loop without touching the engines.
+            def stats() -> dict[str, dict[str, Any]]:
+                return replica_figures(worker)
 
-    def claim(self, holder: str, gpu_idx: list[int], alive: set[str] | None = None, shared: bool = False) -> None:
-        """Book ``gpu_idx`` for ``holder`` (an actor's task key); 409 if another holds one.
-
-        ``shared`` (the launch's ``allow_shared_gpu``) lets holders share an
-        index. Holders not in ``alive`` (the worker's task keys) are dropped
-        first: an actor released without a shutdown must not keep its GPUs.
-        """
-        with self._lock:
-            if alive is not None:
-                for holders in self.taken.values():
-                    holders.intersection_update(alive | {holder})
-            outside = [i for i in gpu_idx if not 0 <= i < self.total]
-            if outside:
-                raise InvalidRequestError(
-                    f"GPU index {outside} does not exist on this worker (it has {self.total} GPU(s))",
-                    param="gpu_idx",
-                )
-            clash = {i: sorted(self.taken[i] - {holder}) for i in gpu_idx if self.taken.get(i, set()) - {holder}}
-            if clash and not shared:
-                raise ConflictError(f"GPU(s) already held on this worker: {clash}", param="gpu_idx")
-            for i in gpu_idx:
-                self.taken.setdefault(i, set()).add(holder)
-
-    def release(self, holder: str) -> list[int]:
-        """Give back every index ``holder`` held; returns them."""
-        with self._lock:
-            freed = [i for i, holders in self.taken.items() if holder in holders]
-            for i in freed:
-                self.taken[i].discard(holder)
-            self.taken = {i: h for i, h in self.taken.items() if h}
-            return freed
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {"total": self.total, "taken": {i: sorted(h) for i, h in self.taken.items() if h}}
-
-
-def gpu_ledger(worker: Any) -> GPULedger:
-    """This worker's ledger, installed on first use (workers started without the preload)."""
-    plugin = worker.plugins.get(PLUGIN_NAME)
-    if plugin is None:
-        plugin = GPULedger()
-        plugin.setup(worker)
-        worker.plugins[PLUGIN_NAME] = plugin
-    return plugin
+            worker.handlers[STATS_OP] = stats
 
 
 async def dask_setup(worker: Any) -> None:
-    """Preload hook of ``dask worker --preload xdask.cluster.worker``: logs and the ledger."""
+    """Preload hook of ``dask worker --preload xdask.cluster.worker``: logs, the ledger and the comm ops."""
     from xdask.logs import setup_logging
 
     path = setup_logging("worker", console=False)
-    gpu_ledger(worker)
+    XdaskWorkerPlugin().setup(worker)
     logger.info("xdask worker %s with %d GPU(s); log %s", worker.address, gpu_ledger(worker).total, path)

@@ -1,11 +1,11 @@
-"""Auth over HTTP: which scope each route needs, the gate that checks it, and ``POST /token``.
+"""Which scope each route needs, and the gate that checks it before any handler runs.
 
 :data:`ROUTE_SCOPES` is the one table of the server's routes and the scopes
 that open them (any one of a row's scopes is enough; ``admin`` opens all).
 :class:`GuardedApplication` checks it for every request, as soon as the
 request's headers are in and before any handler runs or any body is read,
 so a route added later cannot forget it: a route missing from the table needs
-``admin``, and ``tests/test_auth.py`` fails until it gets its row.
+``admin``, and the auth tests fail until it gets its row. The login routes are ``tokens``.
 
 With no auth config the gate lets everything through (``GET
 /v1/cluster/auth`` answers ``{"auth": false}``), which is how ``xdask-local``
@@ -23,8 +23,6 @@ Examples
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -37,11 +35,10 @@ from xdask.auth.authenticator import Authenticator, Identity
 from xdask.auth.scopes import SCOPES, allows
 from xdask.errors import (
     AuthenticationError,
-    InvalidRequestError,
     PermissionDeniedError,
     XdaskError,
 )
-from xdask_server.handlers import BaseHandler, BodyHandler
+from xdask_server.base import BaseHandler
 
 logger = logging.getLogger(__name__)
 
@@ -237,54 +234,3 @@ def authenticator_from_config(path: str | None = None) -> Authenticator | None:
     auth = Authenticator.from_file(str(path))
     logger.info("auth is on: %d user(s) from %s", len(auth.settings.users), auth.settings.source)
     return auth
-
-
-class ClusterAuthHandler(BaseHandler):
-    """``GET /v1/cluster/auth``: whether this server requires credentials (Xinference clients ask first)."""
-
-    def get(self) -> None:
-        self.write_json({"auth": self.application.settings.get("auth") is not None})
-
-
-class TokenHandler(BodyHandler):
-    """``POST /token``: Xinference's login. An OAuth2 password form (or JSON) in, a bearer token out.
-
-    ``username`` and ``password`` as ``application/x-www-form-urlencoded``
-    (what OAuth2 clients and Xinference's client send) or as JSON; the answer
-    is ``{"access_token": ..., "token_type": "bearer", "expires_in": seconds}``.
-    """
-
-    async def post(self) -> None:
-        auth: Authenticator | None = self.application.settings.get("auth")
-        if auth is None:
-            raise InvalidRequestError("Authentication is off on this server: no login is needed",
-                                      code="auth_disabled")
-        username, password = self._credentials()
-        # bcrypt takes ~0.2 s on purpose: off the event loop.
-        self.write_json(await asyncio.to_thread(auth.login, username, password))
-
-    def _credentials(self) -> tuple[str, str]:
-        body = self.body()
-        content_type = self.request.headers.get("Content-Type", "")
-        fields: dict[str, Any] = {}
-        if "json" in content_type:
-            try:
-                data = json.loads(body or b"{}")
-            except ValueError:
-                raise InvalidRequestError("The login body is not valid JSON") from None
-            fields = data if isinstance(data, dict) else {}
-        else:
-            args: dict[str, list[bytes]] = {}
-            httputil.parse_body_arguments(content_type or "application/x-www-form-urlencoded", body, args, {},
-                                          self.request.headers)
-            fields = {k: v[0].decode("utf-8", "replace") for k, v in args.items() if v}
-        username, password = fields.get("username"), fields.get("password")
-        if not isinstance(username, str) or not username or not isinstance(password, str):
-            raise InvalidRequestError("username and password are required (an OAuth2 password form or JSON)",
-                                      param="username" if not username else "password")
-        return username, password
-
-
-def routes() -> list[tuple[str, type[web.RequestHandler]]]:
-    """The routes this module serves (``app.make_app`` adds them)."""
-    return [(r"/v1/cluster/auth", ClusterAuthHandler), (r"/token", TokenHandler)]

@@ -23,13 +23,13 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from xdask import config
-
-_JSON = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore", protected_namespaces=())
-_FORM = ConfigDict(strict=False, allow_inf_nan=False, extra="ignore", protected_namespaces=())
+from xdask.api.base import FORM as _FORM
+from xdask.api.base import MAX_MODEL_NAME
+from xdask.api.base import STRICT as _JSON
+from xdask.api.base import invalid as _invalid
 
 #: Longest prompt of an image request, in characters (OpenAI's for gpt-image-1).
 MAX_IMAGE_PROMPT = 32000
@@ -39,11 +39,6 @@ MAX_SPEECH_INPUT = 4096
 SPEECH_FORMATS = ("wav", "pcm")
 
 _SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[x*X×]\s*(\d{1,5})\s*$")
-
-
-def _invalid(message: str) -> PydanticCustomError:
-    """A validation error whose message reads as is (no "Value error," prefix)."""
-    return PydanticCustomError("invalid_value", message)
 
 
 def merge_kwargs(data: Any) -> Any:
@@ -94,7 +89,7 @@ class _WithKwargs(BaseModel):
 class _ImageFields(_WithKwargs):
     """What generation and edits share: OpenAI's fields and the diffusion knobs xdask adds."""
 
-    model: str = Field(min_length=1, max_length=256)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
     prompt: str = Field(max_length=MAX_IMAGE_PROMPT)
     n: int = Field(default=1, ge=1, le=10)
     size: str | None = None
@@ -158,7 +153,7 @@ class TranscriptionForm(_WithKwargs):
     """``POST /v1/audio/transcriptions`` and ``/translations`` (multipart): the fields beside ``file``."""
 
     model_config = _FORM
-    model: str = Field(min_length=1, max_length=256)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
     language: str | None = Field(default=None, max_length=64)
     prompt: str | None = Field(default=None, max_length=4096)
     response_format: Literal["json", "text", "srt", "verbose_json", "vtt"] = "json"
@@ -194,7 +189,7 @@ class SpeechRequest(_WithKwargs):
     """
 
     model_config = _JSON
-    model: str = Field(min_length=1, max_length=256)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
     input: str = Field(max_length=MAX_SPEECH_INPUT)
     voice: str | dict[str, Any] | None = None
     response_format: str = "wav"
