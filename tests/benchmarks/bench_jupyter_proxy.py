@@ -10,6 +10,7 @@ completions (max_tokens 32) at concurrency 1 and 8, alternating rounds:
 It prints tokens/s, mean time to first token and the ratio proxied ÷ direct
 (same processes, same run; rounds alternate so drift hits both). It also times
 the per-request statistics the dashboard keeps (``RequestStats``) in-process.
+Writes results/jupyter-proxy.json.
 
     python tests/benchmarks/bench_jupyter_proxy.py [--seconds 15] [--rounds 2]
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import math
 import os
 import statistics
 import subprocess
@@ -26,48 +27,31 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import harness
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conftest import DEFAULT_LAUNCH, LocalServer, free_port, wait_until
+from support.servers import DEFAULT_LAUNCH, free_port, wait_until
 
 MAX_TOKENS = 32
 TOKEN = "bench"
 
 
-async def _drive(url: str, headers: dict[str, str], uid: str, concurrency: int,
-                 seconds: float) -> tuple[float, float]:
-    """(completion tokens/s, mean seconds to the first content chunk) of streamed chats."""
-    tokens = 0
-    ttfts: list[float] = []
-    stop_at = time.monotonic() + seconds
-    started = time.monotonic()
+def _drive(url: str, headers: dict[str, str], uid: str, concurrency: int, seconds: float) -> harness.Run:
+    """Streamed chats at ``url`` with ``concurrency`` in flight for ``seconds``."""
 
-    async def client(i: int) -> None:
-        nonlocal tokens
-        async with httpx.AsyncClient(timeout=120, headers=headers) as http:
-            while time.monotonic() < stop_at:
-                body = {"model": uid, "messages": [{"role": "user", "content": f"Tell me story {i}."}],
-                        "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
-                        "stream_options": {"include_usage": True}}
-                t0 = time.perf_counter()
-                first = None
-                async with http.stream("POST", url, json=body) as resp:
-                    assert resp.status_code == 200, await resp.aread()
-                    async for line in resp.aiter_lines():
-                        if first is None and '"content"' in line and '"content":""' not in line:
-                            first = time.perf_counter() - t0
-                        if '"usage": {' in line or '"usage":{' in line:
-                            usage = json.loads(line[5:]).get("usage")
-                            if usage:
-                                tokens += usage["completion_tokens"]
-                if first is not None:
-                    ttfts.append(first)
+    async def go() -> harness.Run:
+        async with harness.async_client("", concurrency, headers, timeout=120) as http:
+            return await harness.run_async(
+                lambda i: harness.astream_chat(http, url, uid, f"Tell me story {i % concurrency}.", MAX_TOKENS),
+                concurrency, seconds=seconds)
 
-    await asyncio.gather(*(client(i) for i in range(concurrency)))
-    return tokens / (time.monotonic() - started), statistics.fmean(ttfts) if ttfts else float("nan")
+    return asyncio.run(go())
+
+
+def _mean_ttft_ms(run: harness.Run) -> float:
+    ttfts = [r.ttft_s for r in run.replies if r.ttft_s is not None]
+    return statistics.fmean(ttfts) * 1000 if ttfts else math.nan
 
 
 def _stats_cost(n: int = 200_000) -> float:
@@ -84,16 +68,24 @@ def _stats_cost(n: int = 200_000) -> float:
     return (time.perf_counter() - t0) / (n // 32) * 1e6
 
 
+def _ok(url: str, headers: dict[str, str]) -> bool:
+    try:
+        return httpx.get(url, headers=headers, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rounds", type=int, default=2)
+    harness.add_result_argument(parser, "jupyter-proxy")
     args = parser.parse_args()
-    print(f"dashboard statistics: {_stats_cost():.1f} us per request of 32 messages (in-process)")
-
-    with tempfile.TemporaryDirectory() as tmp:
+    stats_us = _stats_cost()
+    print(f"dashboard statistics: {stats_us:.1f} us per request of 32 messages (in-process)")
+    levels: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp, harness.local_server(Path(tmp) / "xdask") as server:
         home = Path(tmp)
-        server = LocalServer(home / "xdask")
         port = free_port()
         env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "cfg"), "JUPYTER_DATA_DIR": str(home / "data"),
                "JUPYTER_RUNTIME_DIR": str(home / "rt"), "XDASK_HOME": str(home / "xdask")}
@@ -106,37 +98,31 @@ def main() -> None:
         try:
             auth = {"Authorization": f"token {TOKEN}"}
             assert wait_until(lambda: _ok(f"{jupyter}/xdask/info", auth), 60), "jupyter server did not start"
-            resp = httpx.post(f"{server.endpoint}/v1/models", json={**DEFAULT_LAUNCH, "model_uid": "bench",
-                                                                    "n_parallel": 8}, timeout=300)
-            assert resp.status_code == 200, resp.text
+            harness.launch(server.endpoint, {**DEFAULT_LAUNCH, "model_uid": "bench", "n_parallel": 8}, timeout=300)
             targets = {"direct": (f"{server.endpoint}/v1/chat/completions", {}),
                        "proxied": (f"{jupyter}/xdask/api/v1/chat/completions", auth)}
-            print(f"{'concurrency':>11} {'path':>8} {'tok/s':>8} {'TTFT ms':>8}")
+            rows = []
             for concurrency in (1, 8):
-                results: dict[str, list[tuple[float, float]]] = {"direct": [], "proxied": []}
-                asyncio.run(_drive(*targets["direct"], "bench", concurrency, 3))  # warm-up
-                for _ in range(args.rounds):
-                    for name, (url, headers) in targets.items():
-                        results[name].append(asyncio.run(_drive(url, headers, "bench", concurrency,
-                                                                args.seconds)))
-                for name, rows in results.items():
-                    rate = statistics.fmean(r[0] for r in rows)
-                    ttft = statistics.fmean(r[1] for r in rows) * 1000
-                    print(f"{concurrency:>11} {name:>8} {rate:>8.1f} {ttft:>8.1f}")
-                ratio = (statistics.fmean(r[0] for r in results["proxied"])
-                         / statistics.fmean(r[0] for r in results["direct"]))
-                print(f"{concurrency:>11} proxied ÷ direct tokens/s: {ratio:.3f}")
+                _drive(*targets["direct"], "bench", concurrency, 3)  # warm-up
+                runs = harness.alternate({name: (lambda u=url, h=headers, c=concurrency: _drive(u, h, "bench", c,
+                                                                                                 args.seconds))
+                                          for name, (url, headers) in targets.items()}, args.rounds)
+                level: dict[str, Any] = {}
+                for name, done in runs.items():
+                    level[name] = {"tok_s": statistics.fmean(r.tok_s for r in done),
+                                   "ttft_ms": statistics.fmean(_mean_ttft_ms(r) for r in done)}
+                    rows.append([concurrency, name, level[name]["tok_s"], level[name]["ttft_ms"]])
+                level["ratio"] = harness.ratio(level["proxied"]["tok_s"], level["direct"]["tok_s"])
+                rows.append([concurrency, "proxied ÷ direct", f"{level['ratio']:.3f}", ""])
+                levels[str(concurrency)] = level
+            harness.print_table(["concurrency", "path", "tok/s", "mean TTFT ms"], rows)
         finally:
             lab.terminate()
             lab.wait(30)
-            server.stop()
-
-
-def _ok(url: str, headers: dict[str, str]) -> bool:
-    try:
-        return httpx.get(url, headers=headers, timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
+    harness.write_result(args.result, {"stats_us_per_request": stats_us, "concurrency": levels},
+                         benchmark="jupyter-proxy", packages=["jupyter_server", "xllamacpp"],
+                         settings={"model": "gemma-3-270m ggufv2 Q4_K_M", "max_tokens": MAX_TOKENS,
+                                   "seconds": args.seconds, "rounds": args.rounds})
 
 
 if __name__ == "__main__":

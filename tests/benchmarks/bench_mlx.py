@@ -3,7 +3,8 @@
 Prints completion tokens/s at concurrency 1 and 16 on the tiny random Qwen2
 (greedy, the same prompts on both sides, so both produce the same tokens),
 and the ratio engine / direct. Rounds alternate the two sides so that both
-see the same machine noise; the median round is reported.
+see the same machine noise; the median round is reported. Writes
+results/mlx.json.
 
     python tests/benchmarks/bench_mlx.py [--max-tokens 128] [--rounds 3] [--hidden 64 --layers 2]
 
@@ -20,77 +21,40 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models
+import harness
 
-from tiny_models import build_tiny_qwen2
-
-from xdask.engines.base import SamplingParams
-from xdask.engines.mlx_engine import MLXEngine, make_engine, rope_overrides
-
-PROMPTS = [f"Write a short story about a {thing}." for thing in (
-    "dragon", "robot", "sailor", "baker", "river", "mountain", "cat", "clock",
-    "lighthouse", "violin", "garden", "comet", "train", "forest", "mirror", "key")]
+LEVELS = (1, 16)
 
 
-def engine_side(engine: MLXEngine, prompts: list[str], concurrency: int, max_tokens: int) -> tuple[int, float]:
-    """Completion tokens and seconds for ``prompts`` through ``engine.generate``."""
-    counts: list[int] = []
-    lock = threading.Lock()
-    pending = list(prompts)
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if not pending:
-                    return
-                prompt = pending.pop(0)
-            deltas: list[Any] = []
-            engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0), _collect(deltas))
-            with lock:
-                counts.append(deltas[-1].completion_tokens)
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts), time.perf_counter() - t0
+def prompts(concurrency: int) -> list[str]:
+    return harness.STORY_PROMPTS[:4] if concurrency == 1 else harness.STORY_PROMPTS[:concurrency]
 
 
-def _collect(deltas: list[Any]) -> Callable[[Any], bool]:
-    def emit(delta: Any) -> bool:
-        deltas.append(delta)
-        return False
-
-    return emit
-
-
-def direct_side(model: Any, tokenizer: Any, prompts: list[str], concurrency: int, max_tokens: int,
+def direct_side(model: Any, tokenizer: Any, texts: list[str], concurrency: int, max_tokens: int,
                 batch_size: int) -> tuple[int, float]:
-    """The same work through mlx-lm's own API on this thread."""
+    """(completion tokens, seconds) of the same work through mlx-lm's own API on this thread.
+
+    Tokens are mlx-lm's own counts (``generation_tokens``), which include a
+    final EOS, as the engine's do.
+    """
     from mlx_lm import batch_generate, stream_generate
 
-    ids = [tokenizer.encode(p) for p in prompts]
+    ids = [tokenizer.encode(p) for p in texts]
     t0 = time.perf_counter()
     if concurrency == 1:
         tokens = 0
         for prompt in ids:
             for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
                 last = response
-            tokens += last.generation_tokens  # counts a final EOS, as the engine does
+            tokens += last.generation_tokens
         return tokens, time.perf_counter() - t0
     result = batch_generate(model, tokenizer, ids, max_tokens=max_tokens, return_token_ids=True,
                             completion_batch_size=batch_size, prefill_batch_size=min(8, batch_size))
-    # Its texts drop a final EOS; its stats count it, as the engine does.
     return result.stats.generation_tokens, time.perf_counter() - t0
 
 
@@ -100,11 +64,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=64, help="tiny model width (64: the test fixture)")
     parser.add_argument("--layers", type=int, default=2)
+    harness.add_result_argument(parser, "mlx")
     args = parser.parse_args()
 
     import mlx.core as mx
     import mlx_lm
     from mlx_lm import load
+    from support.tiny_models import build_tiny_qwen2
+
+    from xdask.engines.mlx_engine import build_engine as make_engine
+    from xdask.engines.mlx_engine import rope_overrides
 
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_qwen2(Path(tmp) / "tiny", layers=args.layers, hidden=args.hidden)
@@ -113,35 +82,38 @@ def main() -> None:
         # The direct side loads the same files with the same RoPE fix the engine applies.
         overrides = rope_overrides(json.loads((path / "config.json").read_text()))
         model, tokenizer = load(str(path), model_config=overrides or None)
-
         print(f"mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, device {mx.default_device()}, "
               f"tiny Qwen2 hidden={args.hidden} layers={args.layers}, greedy, max_tokens={args.max_tokens}")
-        runs: dict[tuple[str, int], list[float]] = {}
-        token_counts: dict[tuple[str, int], int] = {}
-        def prompts(concurrency: int) -> list[str]:
-            return PROMPTS[:4] if concurrency == 1 else PROMPTS[:concurrency]
+        complete = harness.engine_complete(engine)
 
-        sides: dict[str, Callable[[int], tuple[int, float]]] = {
-            "direct": lambda c: direct_side(model, tokenizer, prompts(c), c, args.max_tokens, 16),
-            "engine": lambda c: engine_side(engine, prompts(c), c, args.max_tokens),
-        }
-        for name, side in sides.items():  # warm-up: compile kernels, fill allocator caches
-            side(1)
-            side(16)
-        for _ in range(args.rounds):
-            for concurrency in (1, 16):
-                for name, side in sides.items():
-                    tokens, seconds = side(concurrency)
-                    runs.setdefault((name, concurrency), []).append(tokens / seconds)
-                    token_counts[(name, concurrency)] = tokens
+        def engine_side(c: int) -> tuple[int, float]:
+            run = harness.run_threads(harness.on_prompts(complete, prompts(c), args.max_tokens), c, len(prompts(c)))
+            return run.tokens, run.wall_s
+
+        def side(name: str, c: int) -> Any:
+            if name == "direct":
+                return lambda: direct_side(model, tokenizer, prompts(c), c, args.max_tokens, 16)
+            return lambda: engine_side(c)
+
+        for c in LEVELS:  # warm-up, one unmeasured round: compile kernels, fill allocator caches
+            harness.alternate({name: side(name, c) for name in ("direct", "engine")}, 1)
+        figures: dict[str, Any] = {}
+        for c in LEVELS:
+            runs = harness.alternate({name: side(name, c) for name in ("direct", "engine")}, args.rounds)
+            rates = {name: [tokens / secs for tokens, secs in done] for name, done in runs.items()}
+            d, e = statistics.median(rates["direct"]), statistics.median(rates["engine"])
+            figures[str(c)] = {"direct_tok_s": d, "engine_tok_s": e, "ratio": harness.ratio(e, d),
+                               "tokens": {name: done[-1][0] for name, done in runs.items()},
+                               "direct_rounds": rates["direct"], "engine_rounds": rates["engine"]}
         engine.close()
 
-    print(f"{'concurrency':>11} {'direct tok/s':>13} {'engine tok/s':>13} {'engine/direct':>14} {'tokens d/e':>11}")
-    for concurrency in (1, 16):
-        direct = statistics.median(runs[("direct", concurrency)])
-        eng = statistics.median(runs[("engine", concurrency)])
-        counts = f"{token_counts[('direct', concurrency)]}/{token_counts[('engine', concurrency)]}"
-        print(f"{concurrency:>11} {direct:>13.0f} {eng:>13.0f} {eng / direct:>14.2f} {counts:>11}")
+    harness.print_table(["concurrency", "direct tok/s", "engine tok/s", "engine/direct", "tokens d/e"],
+                        [[c, f"{v['direct_tok_s']:.0f}", f"{v['engine_tok_s']:.0f}", v["ratio"],
+                          f"{v['tokens']['direct']}/{v['tokens']['engine']}"] for c, v in figures.items()])
+    harness.write_result(args.result, {"concurrency": figures}, benchmark="mlx", packages=["mlx", "mlx-cpu", "mlx-lm"],
+                         settings={"model": f"tiny random Qwen2 (hidden {args.hidden}, {args.layers} layers)",
+                                   "max_tokens": args.max_tokens, "rounds": args.rounds,
+                                   "device": str(mx.default_device())})
 
 
 if __name__ == "__main__":

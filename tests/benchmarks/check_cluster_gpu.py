@@ -6,26 +6,29 @@ Run on a machine with two or more NVIDIA GPUs (the lent 2xH100 in our case):
 random model with a reduced Qwen2 shape (built offline, bf16 on the GPU).
 Prints what it checks and the figures (GPU memory per device from
 ``nvidia-smi``, recovery time) and exits non-zero at the first failed check.
+Writes results/check-cluster-gpu.json (the checks and figures so far, also
+after a failed check).
 
     python tests/benchmarks/check_cluster_gpu.py
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import argparse
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import harness
 import httpx
+from support.cluster_procs import ProcCluster, kill_worker
+from support.servers import wait_until
+from support.tiny_models import build_tiny_qwen2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cluster_procs import ProcCluster, kill_worker
-from conftest import wait_until
-from tiny_models import build_tiny_qwen2
+#: What this run checked and measured; written to the results file however it ends.
+REPORT: dict[str, Any] = {"checks": [], "figures": {}}
 
 
 def gpu_used_mib() -> list[int]:
@@ -36,23 +39,36 @@ def gpu_used_mib() -> list[int]:
 
 def check(ok: bool, what: str) -> None:
     print(("PASS " if ok else "FAIL ") + what, flush=True)
+    REPORT["checks"].append({"ok": ok, "check": what})
     if not ok:
         raise SystemExit(1)
 
 
+def figure(name: str, value: Any) -> None:
+    REPORT["figures"][name] = value
+
+
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        model = build_tiny_qwen2(Path(tmp) / "model", layers=24, hidden=896)
-        launch = {"model_name": "qwen2.5-instruct", "model_engine": "transformers", "model_format": "pytorch",
-                  "model_size_in_billions": "0_5", "model_path": str(model)}
-        procs = ProcCluster(Path(tmp) / "home", n_workers=1, gpus=None)
-        try:
-            run(procs, launch)
-        except BaseException:
-            print(procs.logs())
-            raise
-        finally:
-            procs.close()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    harness.add_result_argument(parser, "check-cluster-gpu")
+    args = parser.parse_args()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = build_tiny_qwen2(Path(tmp) / "model", layers=24, hidden=896)
+            launch = {"model_name": "qwen2.5-instruct", "model_engine": "transformers", "model_format": "pytorch",
+                      "model_size_in_billions": "0_5", "model_path": str(model)}
+            procs = ProcCluster(Path(tmp) / "home", n_workers=1, gpus=None)
+            try:
+                run(procs, launch)
+            except BaseException:
+                print(procs.logs())
+                raise
+            finally:
+                procs.close()
+    finally:
+        REPORT["passed"] = bool(REPORT["checks"]) and all(c["ok"] for c in REPORT["checks"])
+        harness.write_result(args.result, REPORT, benchmark="check-cluster-gpu", packages=["torch", "transformers"],
+                             settings={"model": "random Qwen2 (24 layers x 896), bf16", "workers": 1})
 
 
 def run(procs: ProcCluster, launch: dict) -> None:
@@ -60,11 +76,13 @@ def run(procs: ProcCluster, launch: dict) -> None:
     (worker,) = http.get("/v1/cluster/workers").json()["data"]
     gpus = worker["gpus"]["total"]
     print(f"worker {worker['address']} resources {worker['resources']}; nvidia-smi MiB used {gpu_used_mib()}")
+    figure("gpus_detected", gpus)
     check(gpus >= 2, f"xdask-worker detected {gpus} GPUs")
 
     idle = gpu_used_mib()
     t0 = time.monotonic()
     r = http.post("/v1/models", json={**launch, "model_uid": "a", "n_gpu": 1})
+    figure("launch_s", time.monotonic() - t0)
     check(r.status_code == 200, f"launch a with n_gpu=1 ({time.monotonic() - t0:.1f} s) {r.text[:200]}")
     r = http.post("/v1/models", json={**launch, "model_uid": "b", "n_gpu": 1})
     check(r.status_code == 200, f"launch b with n_gpu=1 {r.text[:200]}")
@@ -78,6 +96,7 @@ def run(procs: ProcCluster, launch: dict) -> None:
     used = gpu_used_mib()
     grew = [u - i for u, i in zip(used, idle, strict=True)]
     print(f"GPU memory grew by {grew} MiB with a and b loaded")
+    figure("gpu_mib_per_model", grew)
     check(all(g > 200 for g in grew[:2]), "both GPUs hold a model")
     if gpus == 2:
         t0 = time.monotonic()
@@ -96,6 +115,7 @@ def run(procs: ProcCluster, launch: dict) -> None:
     freed = before[ga["gpu_idx"][0]] - after[ga["gpu_idx"][0]]
     print(f"terminate a: GPU {ga['gpu_idx'][0]} went from {before[ga['gpu_idx'][0]]} to "
           f"{after[ga['gpu_idx'][0]]} MiB")
+    figure("terminate_gpu_mib", {"before": before[ga["gpu_idx"][0]], "after": after[ga["gpu_idx"][0]]})
     check(freed > 0.5 * grew[ga["gpu_idx"][0]], "terminate freed most of a's GPU memory")
     r = http.post("/v1/models", json={**launch, "model_uid": "a2", "n_gpu": 1})
     check(r.status_code == 200 and http.get("/v1/models/a2").json()["replicas"][0]["gpu_idx"] == ga["gpu_idx"],
@@ -108,13 +128,19 @@ def run(procs: ProcCluster, launch: dict) -> None:
     reps = http.get("/v1/models/r").json()["replicas"]
     check(sorted(x["gpu_idx"][0] for x in reps) == [0, 1], f"replicas on GPUs {[x['gpu_idx'] for x in reps]}")
 
-    def ask(i: int) -> int:
-        return http.post("/v1/chat/completions", json={**body, "model": "r", "max_tokens": 64}).status_code
+    codes: list[int] = []
 
-    with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        codes = list(pool.map(ask, range(128)))
+    def ask(i: int) -> harness.Reply:
+        resp = http.post("/v1/chat/completions", json={**body, "model": "r", "max_tokens": 64})
+        codes.append(resp.status_code)
+        return harness.Reply(resp.json()["usage"]["completion_tokens"] if resp.status_code == 200 else 0)
+
+    served_run = harness.run_threads(ask, 32, 128)
     served = [x["engine"]["requests_total"] for x in http.get("/v1/models/r").json()["replicas"]]
-    print(f"128 requests at concurrency 32: statuses {sorted(set(codes))}, per replica {served}")
+    print(f"128 requests at concurrency 32: statuses {sorted(set(codes))}, per replica {served}, "
+          f"{served_run.tok_s:.1f} tok/s")
+    figure("requests_per_replica", served)
+    figure("two_replicas_c32", served_run.figures())
     check(codes.count(200) == 128 and min(served) > 20, "both replicas served")
 
     killed = kill_worker(procs.scheduler_address, reps[0]["address"])
@@ -125,7 +151,10 @@ def run(procs: ProcCluster, launch: dict) -> None:
     reps = http.get("/v1/models/r").json()["replicas"]
     print(f"kill -9 of the worker (both replicas on it): lost after {lost:.2f} s, both relaunched and ready after "
           f"{back:.1f} s on GPUs {[x['gpu_idx'] for x in reps]}")
-    check(ok and ask(0) == 200, "relaunched after the worker's nanny restarted it, and answers")
+    figure("recovery", {"marked_lost_s": lost, "ready_s": back})
+    if ok:
+        ask(0)
+    check(ok and codes[-1] == 200, "relaunched after the worker's nanny restarted it, and answers")
     http.delete("/v1/models/r").raise_for_status()
 
 
