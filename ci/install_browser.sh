@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI step: Debian's chromium for the JupyterLab browser test (tests/test_jupyter_browser.py).
+# CI step: Debian's chromium for the JupyterLab browser test (tests/jupyter/test_jupyter_browser.py).
 #
 # Playwright drives this binary (XDASK_TEST_CHROMIUM); `playwright install` is
 # never run, so no browser is downloaded at test time.

@@ -3,12 +3,24 @@
 #
 # Why a script of its own: it compiles llama.cpp from source (about 9 minutes on
 # 2 cores), so CI runs it as a separate step and caches the wheel. The default
-# CMake flags build with -march=native, which on these VMs enables AMX that the
-# hypervisor forbids (SIGILL at the first token); the flags below pin the ISA.
+# CMake flags build with -march=native, which on some of these VMs enables AMX
+# that the hypervisor forbids (SIGILL at the first token); so the ISA is pinned
+# instead, to what this CPU reports in /proc/cpuinfo (an AMD EPYC here has AVX2
+# but no AVX-512: a build with AVX-512 on dies with SIGILL at load). AMX stays off.
 set -euo pipefail
 
 VERSION="${XDASK_LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
-export CMAKE_ARGS="${XDASK_LLAMA_CPP_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF}"
+cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+isa() {  # ON when the CPU reports every named flag
+  for flag in "$@"; do [[ "$cpu_flags" == *" $flag "* ]] || { echo OFF; return; }; done
+  echo ON
+}
+default_args="-DGGML_NATIVE=OFF -DGGML_AVX=$(isa avx) -DGGML_AVX2=$(isa avx2) -DGGML_FMA=$(isa fma) \
+-DGGML_F16C=$(isa f16c) -DGGML_BMI2=$(isa bmi2) -DGGML_AVX512=$(isa avx512f avx512bw avx512vl) \
+-DGGML_AVX512_VBMI=$(isa avx512_vbmi) -DGGML_AVX512_VNNI=$(isa avx512_vnni) -DGGML_AVX512_BF16=$(isa avx512_bf16) \
+-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+export CMAKE_ARGS="${XDASK_LLAMA_CPP_CMAKE_ARGS:-$default_args}"
+echo "llama-cpp-python CMAKE_ARGS: $CMAKE_ARGS"
 PYTHON="${PYTHON:-python}"
 
 # The wheel cache is keyed by version and flags: pip's own wheel cache ignores

@@ -38,8 +38,8 @@ import pathlib
 import re
 import shutil
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO, cast
 
 from xdask import config
 from xdask.errors import (
@@ -93,7 +93,9 @@ def needed_files(repo_files: list[str], single_file: str | None, repo: str = "th
                                    code="hub_not_found")
         return [single_file]
     top = [f for f in repo_files if "/" not in f]
-    match = lambda f, patterns: any(fnmatch.fnmatch(f, p) for p in patterns)
+    def match(name: str, patterns: Iterable[str]) -> bool:
+        return any(fnmatch.fnmatch(name, p) for p in patterns)
+
     weights = [f for f in top if match(f, WEIGHT_PATTERNS)]
     legacy = not weights
     if legacy:
@@ -230,7 +232,7 @@ class _Quiet:
     def tqdm_class() -> Any:
         from huggingface_hub.utils import tqdm
 
-        class QuietTqdm(tqdm):  # type: ignore[misc, valid-type]
+        class QuietTqdm(tqdm):
             def __init__(self, *args: Any, **kwargs: Any):
                 kwargs["disable"] = True
                 super().__init__(*args, **kwargs)
@@ -314,8 +316,9 @@ def _hf_fetch_file(url: str, staging: pathlib.Path, name: str, size: int | None,
     with part.open("ab") as raw:
         sink = _Sink(raw, name, progress, digest)
         if size is None or resume < size:
-            http_get(url, sink, resume_size=resume, headers=headers, expected_size=size, displayed_filename=name,
-                     **kwargs)
+            # _Sink has the file methods http_get uses (write), not the whole BinaryIO interface.
+            http_get(url, cast(BinaryIO, sink), resume_size=resume, headers=headers, expected_size=size,
+                     displayed_filename=name, **kwargs)
     got = sink.hexdigest()
     if got is not None and got != sha:
         part.unlink(missing_ok=True)

@@ -117,8 +117,8 @@ class LaunchProgress:
         """``{"replica_id", "phase", "hub", "model_id", "downloaded_bytes", "total_bytes", "files", ...}``."""
         with self._lock:
             files = [{"name": n, "downloaded_bytes": d, "total_bytes": t} for n, (d, t) in self._files.items()]
-        done = sum(f["downloaded_bytes"] for f in files)
-        total = sum(f["total_bytes"] for f in files)
+            done = sum(d for d, _ in self._files.values())
+            total = sum(t for _, t in self._files.values())
         return {
             "model_uid": self.uid, "replica_id": self.replica_id, "since": self.since, "phase": self.phase,
             "hub": self.hub, "model_id": self.model_id, "downloaded_bytes": done, "total_bytes": total,
