@@ -21,7 +21,12 @@ if TYPE_CHECKING:
     from xdask.client import Client, ModelHandle
     from xdask.errors import XdaskError
 
-_LAZY = {"Client": "xdask.client", "ModelHandle": "xdask.client", "XdaskError": "xdask.errors", "config": "xdask.config"}
+_LAZY = {
+    "Client": "xdask.client",
+    "ModelHandle": "xdask.client",
+    "XdaskError": "xdask.errors",
+    "config": "xdask.config",
+}
 
 
 def __getattr__(name: str) -> Any:

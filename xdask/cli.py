@@ -26,6 +26,7 @@ import pydantic
 
 from xdask import config
 from xdask.api.base import validation_error
+from xdask.api.chat import fold_stream
 from xdask.api.models import LaunchModelRequest
 from xdask.client import Client
 from xdask.errors import PermissionDeniedError, XdaskError
@@ -810,16 +811,22 @@ def hash_password_cmd(password: str | None) -> None:
 
 
 def _stream_text(chunks: Any, chat: bool) -> str:
-    pieces: list[str] = []
+    """Echo a streamed answer as it comes; its whole text (``fold_stream`` of the chunks) is returned."""
+    seen: list[dict[str, Any]] = []
     for chunk in chunks:
+        seen.append(chunk)
         for choice in chunk.get("choices", []):
             text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
             if text:
-                pieces.append(text)
                 click.echo(text, nl=False)
                 sys.stdout.flush()
     click.echo("")
-    return "".join(pieces)
+    if not seen:
+        return ""
+    choices = fold_stream(seen)["choices"]
+    if not choices:
+        return ""
+    return str(choices[0]["message"]["content"] if chat else choices[0]["text"])
 
 
 def _interactive(model_uid: str, endpoint: str | None, prompt: str | None, max_tokens: int,

@@ -45,7 +45,7 @@ import click
 import dask.config
 
 from xdask import config
-from xdask.cluster.local import detect_gpu_count
+from xdask.engines.host import detect_gpu_count
 
 #: The worker-side preload: the log and the GPU ledger (``dask_setup``).
 WORKER_PRELOAD = "xdask.cluster.worker"
@@ -70,7 +70,7 @@ def build_worker_argv(args: Sequence[str], n_gpu: int | None = None) -> list[str
     """The ``dask worker`` arguments for ``xdask-worker args``.
 
     ``n_gpu`` is the GPU count to advertise (``None``: detect it with
-    :func:`~xdask.cluster.local.detect_gpu_count`). Raises
+    :func:`~xdask.engines.host.detect_gpu_count`). Raises
     ``click.UsageError`` on a ``--scheduler`` without a value.
 
     >>> build_worker_argv(["--scheduler", "tcp://h:8786", "--nthreads", "2"], n_gpu=2)

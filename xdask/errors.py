@@ -35,12 +35,14 @@ class XdaskError(Exception):
     type: str = "internal_error"
     #: Attributes beyond (message, param, code) that ``to_wire`` carries, e.g. ``retry_after``.
     wire_extras: ClassVar[tuple[str, ...]] = ()
+    #: The ``code`` of an error raised without one (``None``: no code).
+    default_code: ClassVar[str | None] = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code
+        self.code = code if code is not None else self.default_code
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -129,8 +131,9 @@ class RateLimitError(XdaskError):
     status = 429
     type = "rate_limit_error"
     wire_extras = ("retry_after",)
+    default_code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = "rate_limit_exceeded",
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  retry_after: float | None = None):
         super().__init__(message, param=param, code=code)
         self.retry_after = retry_after
@@ -146,8 +149,7 @@ class ModelNotReadyError(XdaskError):
 class InsufficientResourcesError(ModelNotReadyError):
     """No worker has room for the launch now: GPUs, memory, or a pinned worker (503)."""
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = "insufficient_resources"):
-        super().__init__(message, param=param, code=code)
+    default_code = "insufficient_resources"
 
 
 class EngineUnavailableError(InvalidRequestError):
@@ -184,8 +186,7 @@ class EmbeddedServerError(ModelNotReadyError):
     failed is gone by the time a user reads the error.
     """
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = "embedded_server_failed"):
-        super().__init__(message, param=param, code=code)
+    default_code = "embedded_server_failed"
 
 
 class UpstreamUnavailableError(XdaskError):
@@ -194,8 +195,7 @@ class UpstreamUnavailableError(XdaskError):
     status = 502
     type = "upstream_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = "upstream_unreachable"):
-        super().__init__(message, param=param, code=code)
+    default_code = "upstream_unreachable"
 
 
 class LaunchCancelledError(InvalidRequestError):
@@ -205,8 +205,7 @@ class LaunchCancelledError(InvalidRequestError):
     OpenAI SDK treat it as a plain client error; ``code`` says what happened.
     """
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = "launch_cancelled"):
-        super().__init__(message, param=param, code=code)
+    default_code = "launch_cancelled"
 
 
 class DownloadCancelledError(LaunchCancelledError):
@@ -219,8 +218,7 @@ class ModelDownloadError(XdaskError):
     status = 502
     type = "model_download_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = "download_failed"):
-        super().__init__(message, param=param, code=code)
+    default_code = "download_failed"
 
 
 class HubAccessError(ModelDownloadError):

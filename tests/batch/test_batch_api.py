@@ -18,10 +18,10 @@ import httpx
 import openai
 import pytest
 from support.servers import DEFAULT_LAUNCH, LocalServer, wait_until
-from xdask_server.batches import MultipartReader
 
 from xdask.batch.api import read_input
 from xdask.batch.store import BatchStore
+from xdask_server.batches import MultipartReader
 
 FINAL = ("completed", "failed", "cancelled", "expired")
 

@@ -19,12 +19,13 @@ import httpx
 import pytest
 
 dd = pytest.importorskip("dask.dataframe", reason="the batch extra (pandas, pyarrow) is not installed")
-import dask.bag as db
-import pandas as pd
+# These imports need the batch extra, so they come after the importorskip above on purpose.
+import dask.bag as db  # noqa: E402
+import pandas as pd  # noqa: E402
 
-from xdask import Client
-from xdask.batch import map_chat, map_generate
-from xdask.errors import InvalidRequestError
+from xdask import Client  # noqa: E402
+from xdask.batch import map_chat, map_generate  # noqa: E402
+from xdask.errors import InvalidRequestError  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -58,7 +58,10 @@ def test_terminate_removes_the_actor_and_frees_memory(http, dask_client, default
     assert rss_loaded - rss_after > 0.6 * (rss_loaded - rss_before), (rss_before, rss_loaded, rss_after)
     assert record["address"].startswith("tcp://")
     # The other model is untouched.
-    assert http.post("/v1/completions", json={"model": default_model, "prompt": "Hi", "max_tokens": 2}).status_code == 200
+    assert (
+        http.post("/v1/completions", json={"model": default_model, "prompt": "Hi", "max_tokens": 2}).status_code
+        == 200
+    )
 
 
 def test_launch_errors(http, default_model):

@@ -256,8 +256,7 @@ def test_vllm_make_engine_with_placement(monkeypatch):
 
 
 def test_sglang_server_args_per_placement():
-    from xdask.engines.sglang_engine import SGLangOptions, placed_options
-    from xdask.engines.sglang_engine import build_engine
+    from xdask.engines.sglang_engine import SGLangOptions, build_engine, placed_options
 
     def placed(kwargs, gpu_idx):
         return placed_options(SGLangOptions.from_kwargs("sglang", kwargs), gpu_idx).engine_kwargs()

@@ -29,8 +29,7 @@ from support.engine_checks import PROMPTS, hf_greedy, load_hf, run
 from support.tiny_models import CHATML_TEMPLATE, build_tiny_qwen2
 
 from xdask.engines.base import Delta, Engine, SamplingParams
-from xdask.engines.mlx_engine import build_engine
-from xdask.engines.mlx_engine import rope_overrides
+from xdask.engines.mlx_engine import build_engine, rope_overrides
 from xdask.errors import GenerationError, InvalidRequestError
 
 

@@ -48,6 +48,7 @@ from xdask.engines.sglang_engine import (
     ChunkDecoder,
     SGLangOptions,
     abort_error,
+    build_engine,
     check_sampling_params,
     effective_context_length,
     error_from_exception,
@@ -57,7 +58,6 @@ from xdask.engines.sglang_engine import (
     tokenizer_facts,
     usage_of,
 )
-from xdask.engines.sglang_engine import build_engine
 from xdask.errors import (
     GenerationError,
     InvalidRequestError,

@@ -44,8 +44,10 @@ def test_concurrent_requests_share_forward_passes_and_keep_their_answers(engine)
     solo = {p: _run(engine, p, max_tokens=24, temperature=0)[0] for p in PROMPTS}
     steps_before = engine.stats["steps"]
     results: dict[str, str] = {}
-    threads = [threading.Thread(target=lambda p=p: results.__setitem__(p, _run(engine, p, max_tokens=24, temperature=0)[0]))
-               for p in PROMPTS]
+    threads = [
+        threading.Thread(target=lambda p=p: results.__setitem__(p, _run(engine, p, max_tokens=24, temperature=0)[0]))
+        for p in PROMPTS
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -87,7 +89,10 @@ def test_sampling_rules():
     assert sample(logits.clone(), rows, [[1], [1]]) == [1, 2]
     nucleus = [RowSampling(temperature=1.0, top_p=0.5, generator=torch.Generator().manual_seed(s)) for s in range(20)]
     assert set(sample(logits.repeat(10, 1), nucleus, [[]] * 20)) == {1}
-    seeded = lambda: sample(logits, [RowSampling(1.0, 1.0, generator=torch.Generator().manual_seed(3))] * 2, [[], []])
+
+    def seeded():
+        return sample(logits, [RowSampling(1.0, 1.0, generator=torch.Generator().manual_seed(3))] * 2, [[], []])
+
     assert seeded() == seeded()
 
 
@@ -135,8 +140,10 @@ def test_real_gemma_gguf_weights_through_transformers():
     eng.load()
     try:
         counting = {}
-        threads = [threading.Thread(target=lambda p=p: counting.__setitem__(p, _run(eng, p, max_tokens=8, temperature=0)[0]))
-                   for p in ("One, two, three, four,", "The Eiffel Tower is in the city of")]
+        threads = [
+            threading.Thread(target=lambda p=p: counting.__setitem__(p, _run(eng, p, max_tokens=8, temperature=0)[0]))
+            for p in ("One, two, three, four,", "The Eiffel Tower is in the city of")
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -165,8 +172,14 @@ def test_slot_layout_gives_the_dynamic_layouts_answers(tiny_qwen2):
         try:
             assert eng.describe()["kv_layout"] == layout
             out: dict[str, str] = {}
-            threads = [threading.Thread(target=lambda p=p, n=n: out.__setitem__(p, _run(eng, p, max_tokens=n, temperature=0)[0]))
-                       for n, p in enumerate(PROMPTS, start=10)]  # 8 requests, 4 slots: rows leave and join
+            # 8 requests, 4 slots: rows leave and join. The threads are joined before the loop moves on, so
+            # ``out`` and ``eng`` are still this layout's when they run.
+            threads = [
+                threading.Thread(
+                    target=lambda p=p, n=n: out.__setitem__(p, _run(eng, p, max_tokens=n, temperature=0)[0])  # noqa: B023
+                )
+                for n, p in enumerate(PROMPTS, start=10)
+            ]
             for t in threads:
                 t.start()
             for t in threads:

@@ -37,8 +37,7 @@ import psutil
 from support.tiny_models import build_tiny_qwen2
 
 from xdask.engines.base import Delta, Engine, SamplingParams
-from xdask.engines.vllm_engine import VLLMEngine, VLLMOptions
-from xdask.engines.vllm_engine import build_engine
+from xdask.engines.vllm_engine import VLLMEngine, VLLMOptions, build_engine
 from xdask.errors import GenerationError, InvalidRequestError
 
 pytestmark = pytest.mark.slow
@@ -238,7 +237,9 @@ def test_stop_string_ends_the_text(engine: VLLMEngine, reference: dict):
     full = reference[prompt]["text"]
     # A stop string taken from the middle of the greedy answer (printable chars only).
     start = next(
-        i for i in range(len(full) // 3, len(full) - 2) if all(c.isprintable() and c != "\ufffd" for c in full[i : i + 2])
+        i
+        for i in range(len(full) // 3, len(full) - 2)
+        if all(c.isprintable() and c != "\ufffd" for c in full[i : i + 2])
     )
     stop = full[start : start + 2]
     text, final, _ = run(engine, prompt, temperature=0, stop=["NEVER-SEEN", stop])

@@ -172,7 +172,12 @@ def test_terminate_frees_the_model(engine_model, http, dask_client, tiny_qwen2):
     assert http.post("/v1/completions", json={"model": uid, "prompt": "Hi", "max_tokens": 2}).status_code == 200
     threads_loaded = sum(len(t) for t in dask_client.run(_thread_names).values())
     assert http.delete(f"/v1/models/{uid}").status_code == 200
-    assert wait_until(lambda: not any(uid in k for ks in dask_client.run(lambda dask_worker: list(dask_worker.state.actors)).values() for k in ks), 30)
+    assert wait_until(
+        lambda: not any(
+            uid in k for ks in dask_client.run(lambda dask_worker: list(dask_worker.state.actors)).values() for k in ks
+        ),
+        30,
+    )
     # The engine's threads end with it (vLLM's engine process too: its output thread goes).
     assert wait_until(lambda: sum(len(t) for t in dask_client.run(_thread_names).values()) < threads_loaded, 30)
     if engine == "transformers":

@@ -19,8 +19,7 @@ import pytest
 from support.servers import DEFAULT_LAUNCH, wait_until
 
 from xdask.engines.base import Delta, SamplingParams
-from xdask.engines.llama_cpp import build_engine
-from xdask.engines.llama_cpp import choose_backend
+from xdask.engines.llama_cpp import build_engine, choose_backend
 from xdask.engines.llama_cpp.options import LlamaCppOptions
 from xdask.errors import EngineUnavailableError, GenerationError, InvalidRequestError
 from xdask.hub import locate_model
@@ -91,7 +90,7 @@ def test_concurrent_requests_do_not_corrupt_each_other(engine):
     prompts = [f"{n}, {n + 1}, {n + 2}, {n + 3}," for n in (10, 20, 30, 40, 50, 60)]
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda p: run(engine, p, max_tokens=4, stop=[","]), prompts))
-    for n, (text, _last) in zip((10, 20, 30, 40, 50, 60), results):
+    for n, (text, _last) in zip((10, 20, 30, 40, 50, 60), results, strict=True):
         assert text.strip() == str(n + 4)
 
 

@@ -115,7 +115,9 @@ def test_resolve_still_serves_the_default_and_the_qwen_specs():
     q = resolve("qwen2.5-instruct", "pytorch", "0_5", None)
     assert q.spec.sources[0].model_id == "Qwen/Qwen2.5-0.5B-Instruct" and q.family.chat_template is None
     mlx = resolve("qwen3", "mlx", "0.6", "8bit")
-    assert [s.model_id for s in mlx.spec.sources if mlx.quantization in s.quantizations] == ["mlx-community/Qwen3-0.6B-8bit"]
+    assert [s.model_id for s in mlx.spec.sources if mlx.quantization in s.quantizations] == [
+        "mlx-community/Qwen3-0.6B-8bit"
+    ]
 
 
 # -- negative cases: what a bad edit looks like --------------------------------------------

@@ -167,7 +167,9 @@ def test_every_type_is_listed(http):
         assert name in {i["model_name"] for i in items}
         assert all(i["model_type"] == model_type for i in items)
     # Launches of every type resolve; an engine that does not serve the type says which ones do.
-    resp = http.post("/v1/models", json={"model_name": "bge-m3", "model_type": "embedding", "model_engine": "llama.cpp"})
+    resp = http.post(
+        "/v1/models", json={"model_name": "bge-m3", "model_type": "embedding", "model_engine": "llama.cpp"}
+    )
     assert resp.status_code == 400 and "does not serve embedding models" in resp.json()["error"]["message"]
     assert "sentence_transformers" in resp.json()["error"]["message"]
 
@@ -212,7 +214,10 @@ def _gemma_clone(name: str) -> dict:
 
 @pytest.mark.slow
 def test_launch_and_chat_with_a_custom_gguf_family(http):
-    assert http.post("/v1/model_registrations/LLM", json={"model": json.dumps(_gemma_clone("my-gemma"))}).status_code == 200
+    assert (
+        http.post("/v1/model_registrations/LLM", json={"model": json.dumps(_gemma_clone("my-gemma"))}).status_code
+        == 200
+    )
     try:
         resp = http.post("/v1/models", json={"model_name": "my-gemma", "model_engine": "llama.cpp", "n_gpu": None})
         assert resp.status_code == 200, resp.text

@@ -198,7 +198,8 @@ def _model_rate(page, uid: str) -> float:
     """The newest non-NaN requests/s sample of ``uid`` in the open dashboard's series."""
     models = _bokeh_column(page, "series_source", "model")
     rates = _bokeh_column(page, "series_source", "requests_rate")
-    for model, series in zip(models, rates):
+    # Two separate reads of a live source: do not insist that they line up.
+    for model, series in zip(models, rates, strict=False):
         if model == uid:
             values = [v for v in series if isinstance(v, (int, float)) and not math.isnan(v)]
             return max(values, default=0.0)

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 from IPython.utils.capture import capture_output
-from xdask_jupyter import connection
 
 import xdask
+from xdask_jupyter import connection
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,6 @@ from collections.abc import Iterator
 import dask.config
 import pytest
 from support.servers import wait_until
-from xdask_jupyter import connection
-from xdask_jupyter.widgets import ChatWidget, Launcher, ModelTable, dashboard
 
 import xdask
 from xdask.errors import (
@@ -23,6 +21,8 @@ from xdask.errors import (
     NotFoundError,
     UpstreamUnavailableError,
 )
+from xdask_jupyter import connection
+from xdask_jupyter.widgets import ChatWidget, Launcher, ModelTable, dashboard
 
 pytestmark = pytest.mark.slow
 

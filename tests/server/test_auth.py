@@ -454,6 +454,7 @@ def test_bad_auth_config_stops_the_server_at_startup(tmp_path: Path) -> None:
 
 def test_jupyter_proxy_sends_the_extension_key() -> None:
     from tornado.httputil import HTTPHeaders
+
     from xdask_jupyter.proxy import upstream_headers
 
     incoming = HTTPHeaders({"Authorization": "token jupyter-secret", "Cookie": "_xsrf=1", "Accept": "*/*"})

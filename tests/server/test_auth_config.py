@@ -324,6 +324,7 @@ SAMPLE_PATHS = [
 def app_routes(tmp_path: Path) -> list[tuple[Any, type]]:
     """(matcher, handler class) of every route ``make_app`` serves, built without a cluster."""
     import dask.config
+
     from xdask_server.app import make_app
 
     class NoCluster:

@@ -11,6 +11,10 @@ from typing import Any
 import httpx
 import pytest
 from support.servers import wait_until
+
+from xdask.api.chat import ChatCompletionRequest, CompletionRequest
+from xdask.cluster.local import dashboard_address
+from xdask.errors import GenerationError, NotFoundError
 from xdask_server.dashboard_view import (
     SERIES_COLUMNS,
     build_page,
@@ -21,10 +25,6 @@ from xdask_server.dashboard_view import (
 )
 from xdask_server.serving import OpenAIServing
 from xdask_server.stats import RequestStats, Sampler, percentile
-
-from xdask.api.chat import ChatCompletionRequest, CompletionRequest
-from xdask.cluster.local import dashboard_address
-from xdask.errors import GenerationError, NotFoundError
 
 
 class FakeClock:
@@ -202,7 +202,10 @@ def test_serving_counts_every_ending():
 def test_tracking_costs_microseconds():
     """The hot path is a few counter updates: a request with 20 messages costs well under 50 us."""
     stats = RequestStats()
-    msg, last = {"text": "tok", "finish_reason": None, "usage": None}, {"text": "", "finish_reason": "stop", "usage": {"prompt_tokens": 5, "completion_tokens": 20}}
+    msg, last = (
+        {"text": "tok", "finish_reason": None, "usage": None},
+        {"text": "", "finish_reason": "stop", "usage": {"prompt_tokens": 5, "completion_tokens": 20}},
+    )
     n = 20_000
     started = time.perf_counter()
     for _ in range(n):

@@ -158,7 +158,10 @@ def test_base64_is_little_endian_float32_of_the_same_vectors(oai, model):
 def test_similar_sentences_are_closer_than_unrelated_ones(oai, model):
     data = oai.embeddings.create(model=model, input=["I like food", "Bread is tasty", "The stock market fell"]).data
     food, bread, market = (np.array(d.embedding) for d in data)
-    cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    def cos(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
     assert cos(food, bread) > cos(food, market) + 0.2
     assert abs(np.linalg.norm(food) - 1) < 1e-4  # the model's Normalize module
 

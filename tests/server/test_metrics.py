@@ -16,8 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
-from support.servers import LocalServer
 from prometheus_client.parser import text_string_to_metric_families
+from support.servers import LocalServer
+
 from xdask_server.metrics import Metrics, endpoint_labels
 from xdask_server.stats import HttpStats, RequestStats, Sampler
 

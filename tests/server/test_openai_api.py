@@ -83,8 +83,8 @@ def test_eight_concurrent_chats_are_each_answered_correctly(oai, default_model):
 
     solo_chat = {n: chat(n) for n in starts[:2]}
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        counts = dict(zip(starts, pool.map(count_from, starts)))
-        chats = dict(zip(starts, pool.map(chat, starts)))
+        counts = dict(zip(starts, pool.map(count_from, starts), strict=True))
+        chats = dict(zip(starts, pool.map(chat, starts), strict=True))
     for n, resp in counts.items():
         assert resp.choices[0].text.strip() == str(n + 4), (n, resp.choices[0].text)
     for n, resp in chats.items():

@@ -136,7 +136,8 @@ def build_tiny_whisper(path: Path | str, seed: int = 0) -> Path:
         alignment_heads=[[0, 0], [0, 1]],
     )
     model.save_pretrained(path)
-    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(path)
+    processor = WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer)
+    processor.save_pretrained(path)
     _readable(path)
     return path
 

@@ -1,7 +1,8 @@
 """Tiny random models written offline in real on-disk formats (no hub here).
 
 ``build_tiny_qwen2`` writes a Qwen2-architecture causal LM (hidden 128, two
-layers, four heads of 32: vLLM's CPU attention refuses a head size of 16) with a byte-level BPE tokenizer trained on the spot, a ChatML chat
+layers, four heads of 32: vLLM's CPU attention refuses a head size of 16)
+with a byte-level BPE tokenizer trained on the spot, a ChatML chat
 template, safetensors weights, ``config.json`` and ``generation_config.json``:
 the files ``save_pretrained`` writes for a real Qwen2.5 checkpoint. The
 same directory loads in transformers, vLLM and mlx-lm, so it is the

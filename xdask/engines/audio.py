@@ -129,7 +129,10 @@ class TransformersAudioEngine(TorchTaskEngine):
                                  "pip install 'xdask[audio]'") from exc
         dtype = self.place()
         try:
-            self._pipe = pipeline(self.task, model=self.model_path, device=self.device, dtype=dtype)
+            # transformers' pipeline overloads take Literal task names only, not a str chosen at run time.
+            self._pipe = pipeline(  # type: ignore[call-overload]
+                self.task, model=self.model_path, device=self.device, dtype=dtype
+            )
         except Exception as exc:
             raise ModelLoadError(f"transformers' {self.task} pipeline could not load {self.model_path}: "
                                  f"{type(exc).__name__}: {exc}") from exc
@@ -195,6 +198,7 @@ class TransformersAudioEngine(TorchTaskEngine):
             raise GenerationError(f"Speech recognition failed: {type(exc).__name__}: {exc}") from exc
         text = str(out.get("text") or "").strip()
         chunks = out.get("chunks") or []
+        language: str | None
         if op == "translate":
             language = "english"
         else:

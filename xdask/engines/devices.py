@@ -89,10 +89,11 @@ def cuda_visible_devices(gpu_idx: list[int], base: str | None = None) -> str:
     '2,3'
     >>> cuda_visible_devices([0], base="3,-1,4")
     '3'
-    >>> cuda_visible_devices([2], base="0,1")
+    >>> cuda_visible_devices([2], base="0,1")  # doctest: +NORMALIZE_WHITESPACE
     Traceback (most recent call last):
     ...
-    xdask.errors.InvalidRequestError: GPU index 2 is not a device of this worker: it sees 2 GPU(s) (CUDA_VISIBLE_DEVICES='0,1'), so indices run from 0 to 1
+    xdask.errors.InvalidRequestError: GPU index 2 is not a device of this worker:
+    it sees 2 GPU(s) (CUDA_VISIBLE_DEVICES='0,1'), so indices run from 0 to 1
     """
     if base is None:
         base = os.environ.get(CUDA_VISIBLE_DEVICES)
@@ -218,5 +219,7 @@ def parallel_size(
             param=option, code="invalid_engine_option",
         )
     if needed < booked:
-        logger.warning("%s: %s=%d uses %d of the %d GPUs booked (%s)", engine, option, explicit, needed, booked, gpu_idx)
+        logger.warning(
+            "%s: %s=%d uses %d of the %d GPUs booked (%s)", engine, option, explicit, needed, booked, gpu_idx
+        )
     return explicit

@@ -55,7 +55,7 @@ class SentenceTransformerEmbedding(SentenceTransformersEngine):
 
     Returns ``{"embeddings": bytes, "count", "dimensions", "prompt_tokens"}``:
     ``count`` rows of ``dimensions`` little-endian float32 values, row-major
-    (``xdask.responses.embedding_vectors`` reads them back).
+    (``xdask.api.embeddings.embedding_vectors`` reads them back).
     """
 
     ops = frozenset({"embed"})

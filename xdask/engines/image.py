@@ -174,7 +174,7 @@ class DiffusersEngine(TorchTaskEngine):
         if not isinstance(data, bytes | bytearray) or not data:
             raise InvalidRequestError("image is required: an uploaded PNG, JPEG or WebP file", param="image")
         try:
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))  # an ImageFile; convert() below gives an Image
             image.load()
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
             raise InvalidRequestError(f"image is not an image file this server can read: {exc}",

@@ -203,10 +203,10 @@ def check_engine(resolved: ResolvedModel, model_engine: str | None, hosts: list[
         raise EngineUnavailableError(
             f"Unknown engine {model_engine!r}; known engines: {', '.join(ENGINES)}", param="model_engine"
         )
-    reasons = [why_not(engine, fmt, h, model_type) for h in hosts]
-    if all(r is not None for r in reasons):
+    refusals = [why_not(engine, fmt, h, model_type) for h in hosts]
+    if all(r is not None for r in refusals):
         raise EngineUnavailableError(
-            f"Model {resolved.family.model_name} ({fmt}) cannot run on engine {engine}: {reasons[0]}."
+            f"Model {resolved.family.model_name} ({fmt}) cannot run on engine {engine}: {refusals[0]}."
             + _alternatives(resolved, hosts),
             param="model_engine",
         )

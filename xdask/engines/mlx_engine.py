@@ -27,7 +27,7 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from pydantic import Field
 
@@ -319,25 +319,35 @@ class MLXEngine:
             import mlx_lm
             from mlx_lm import load as mlx_load
         except ImportError as exc:
-            raise ModelLoadError("the MLX engine needs mlx-lm: pip install 'mlx-lm[cpu]' (Linux) or 'mlx-lm' (macOS)") from exc
+            raise ModelLoadError(
+                "the MLX engine needs mlx-lm: pip install 'mlx-lm[cpu]' (Linux) or 'mlx-lm' (macOS)"
+            ) from exc
         opts = self.options
         config = json.loads((Path(self.model_path) / "config.json").read_text())
         overrides = rope_overrides(config)
         if overrides:
             logger.info("MLX: mapping transformers-5 rope_parameters to %s", overrides)
-        model, tokenizer = mlx_load(
-            self.model_path,
-            tokenizer_config={"trust_remote_code": True} if opts.trust_remote_code else None,
-            model_config=overrides or None,
-            adapter_path=opts.adapter_path,
-            trust_remote_code=opts.trust_remote_code,
+        # cast: mlx_lm.load is annotated as returning a 2- or 3-tuple (no overloads on return_config); without
+        # return_config it is (model, tokenizer).
+        model, tokenizer = cast(
+            "tuple[Any, Any]",
+            mlx_load(
+                self.model_path,
+                tokenizer_config={"trust_remote_code": True} if opts.trust_remote_code else None,
+                model_config=overrides or None,
+                adapter_path=opts.adapter_path,
+                trust_remote_code=opts.trust_remote_code,
+            ),
         )
         hf = tokenizer._tokenizer
         self.adds_bos, self.chat_template, self.special_tokens = tokenizer_facts(hf)
         self.eos_token_ids = {int(t) for t in tokenizer.eos_token_ids}
         config_len = int(config.get("max_position_embeddings") or 0) or self.context_length
         self.max_model_len = opts.max_model_len or min(self.context_length, config_len)
-        self._versions = {"mlx_lm_version": mlx_lm.__version__, "mlx_version": mx.__version__}
+        self._versions = {
+            "mlx_lm_version": mlx_lm.__version__,
+            "mlx_version": mx.__version__,  # type: ignore[attr-defined]  # mlx.core's stub omits __version__
+        }
         self._device = str(mx.default_device())
         self._hf_tokenizer = hf
         return {"model": model, "generator": None}
@@ -386,10 +396,10 @@ class MLXEngine:
                 self.stats["max_rows"] = max(self.stats["max_rows"], len(responses))
                 self.stats["tokens"] += len(responses)
             for r in responses:
-                req = active.get(r.uid)
-                if req is None:
+                owner = active.get(r.uid)
+                if owner is None:
                     continue
-                req.out.put((r.token, r.finish_reason))
+                owner.out.put((r.token, r.finish_reason))
                 if r.finish_reason is not None:
                     del active[r.uid]
 

@@ -49,7 +49,7 @@ class CrossEncoderRerank(SentenceTransformersEngine):
 
     Returns ``{"scores": [float, ...], "input_tokens": int}``, one score per
     document in the order given; sorting and ``top_n`` are the API's job
-    (``xdask.responses.rerank_response``).
+    (``xdask.api.embeddings.rerank_response``).
     """
 
     ops = frozenset({"rerank"})

@@ -219,7 +219,9 @@ def effective_context_length(
     """
     if requested:
         return requested
-    text_config = hf_config.get("text_config") if isinstance(hf_config.get("text_config"), dict) else {}
+    text_config = hf_config.get("text_config")
+    if not isinstance(text_config, dict):
+        text_config = {}
     limit = hf_config.get("max_position_embeddings") or text_config.get("max_position_embeddings")
     if not family_context_length or not limit:
         return None

@@ -423,7 +423,7 @@ class VLLMEngine:
             kwargs["frequency_penalty"] = params.frequency_penalty
         try:
             return VSamplingParams(**kwargs)
-        except (ValueError, TypeError, *_request_error_types()) as exc:
+        except (ValueError, TypeError) + _request_error_types() as exc:
             raise InvalidRequestError(f"Invalid sampling parameters: {exc}") from exc
 
     def generate(self, prompt: str, params: SamplingParams, emit: Emit) -> None:
@@ -469,7 +469,7 @@ class VLLMEngine:
             if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                 raise
         finally:
-            self._streams.discard(task)  # type: ignore[arg-type]
+            self._streams.discard(task)
             out.put(_DONE)
 
     def _consume(
@@ -544,9 +544,9 @@ class VLLMEngine:
             message = str(exc)
             if any(k in message for k in ("maximum context length", "maximum model length", "max_model_len")):
                 message = f"The prompt is too long for this model (max_model_len={self._max_model_len}). {message}"
-            err = InvalidRequestError(message, param="prompt" if "prompt" in message else None)
-            err.__cause__ = exc
-            return err
+            invalid = InvalidRequestError(message, param="prompt" if "prompt" in message else None)
+            invalid.__cause__ = exc
+            return invalid
         if isinstance(exc, asyncio.CancelledError):
             return GenerationError("the request was cancelled: the model is shutting down")
         if type(exc).__name__ == "EngineDeadError":

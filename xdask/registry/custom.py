@@ -117,7 +117,7 @@ def parse_family(model_type: str, model: str | dict[str, Any]) -> AnyFamily:
         )
     raw = {**_from_xinference(model), "model_type": model_type, "is_builtin": False}
     try:
-        return FAMILY_CLASSES[model_type].model_validate(raw)  # type: ignore[return-value]
+        return FAMILY_CLASSES[model_type].model_validate(raw)
     except pydantic.ValidationError as exc:
         raise InvalidRequestError(
             f"Invalid {model_type} model spec: {_validation_message(exc)}", param="model"

@@ -134,7 +134,10 @@ class ModelSpec(BaseModel):
         """Whether ``size`` (as users type it: 0.27, "0_27", "0.27") names this spec."""
         if size is None or size == "":
             return True
-        norm = lambda v: str(v).replace("_", ".").rstrip("0").rstrip(".")
+
+        def norm(v: object) -> str:
+            return str(v).replace("_", ".").rstrip("0").rstrip(".")
+
         return norm(size) == norm(self.model_size_in_billions)
 
     def file_name(self, quantization: str) -> str | None:
@@ -284,7 +287,7 @@ class AudioFamily(_Family):
 AnyFamily = LLMFamily | EmbeddingFamily | RerankFamily | ImageFamily | AudioFamily
 
 #: The schema of each model type, by the type's name in URLs and requests.
-FAMILY_CLASSES: dict[str, type[_Family]] = {
+FAMILY_CLASSES: dict[str, type[AnyFamily]] = {
     "LLM": LLMFamily,
     "embedding": EmbeddingFamily,
     "rerank": RerankFamily,

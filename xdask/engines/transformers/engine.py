@@ -98,11 +98,15 @@ class TransformersEngine:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as exc:
-            raise ModelLoadError("the transformers engine needs torch and transformers: pip install 'xdask[transformers]'") from exc
+            raise ModelLoadError(
+                "the transformers engine needs torch and transformers: pip install 'xdask[transformers]'"
+            ) from exc
         opts = self.options
         self._device = torch.device(choose_device(opts.device, self.gpu_idx, torch.cuda.is_available()))
         if self._device.type == "cpu":
-            threads = opts.n_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+            threads = opts.n_threads or (
+                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            )
             torch.set_num_threads(threads)
         if self._device.type == "cuda":
             # cuDNN's attention builds a new plan for every KV length: each decode step

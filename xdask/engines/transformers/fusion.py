@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -73,8 +74,8 @@ def _rms_norm(x: Any, weight: Any, eps: float) -> Any:
 def _compiled(name: str) -> Any:
     import torch
 
-    fn = {"rms_norm": _rms_norm, "rope": _rope, "silu_mul": _silu_mul}[name]
-    return torch.compile(fn, dynamic=True, fullgraph=False)
+    kernels: dict[str, Callable[..., Any]] = {"rms_norm": _rms_norm, "rope": _rope, "silu_mul": _silu_mul}
+    return torch.compile(kernels[name], dynamic=True, fullgraph=False)
 
 
 def fuse_small_kernels(model: Any) -> list[str]:
@@ -136,7 +137,8 @@ def _fuse_rope(model: Any) -> list[str]:
     """
     import sys
 
-    modeling = sys.modules.get(type(model).__module__)
+    # Any: the model's modeling module, whose rotary function is read and patched by name.
+    modeling: Any = sys.modules.get(type(model).__module__)
     if modeling is None or modeling.__name__ not in _ROTARY_MODULES or not hasattr(modeling, "apply_rotary_pos_emb"):
         return []
     eager_rope = modeling.apply_rotary_pos_emb
@@ -160,7 +162,7 @@ def unfuse(model: Any) -> None:
 
     for module in model.modules():
         module.__dict__.pop("forward", None)
-    modeling = sys.modules.get(type(model).__module__)
+    modeling: Any = sys.modules.get(type(model).__module__)
     rope = getattr(modeling, "apply_rotary_pos_emb", None)
     if rope is not None and getattr(rope, "_xdask_fused", False):
         modeling.apply_rotary_pos_emb = rope._xdask_eager
