@@ -27,77 +27,8 @@ from pathlib import Path
 import dask.config
 import httpx
 import pytest
+from support.jupyter_server import AUTH, TOKEN, JupyterServer, pid_gone
 from support.servers import LocalServer, free_port, wait_until
-
-TOKEN = "xdask-test-token"
-AUTH = {"Authorization": f"token {TOKEN}"}
-
-
-def _pid_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-class JupyterServer:
-    """A ``jupyter server`` subprocess with the xdask extension (enabled by the installed config)."""
-
-    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None, xdask_home: Path | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        dirs = {name: tmp / name for name in ("config", "data", "runtime", "root")}
-        for path in dirs.values():
-            path.mkdir(parents=True, exist_ok=True)
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith(("XDASK_ENDPOINT", "JUPYTER_"))}
-        self.env = {
-            **base_env,
-            "JUPYTER_CONFIG_DIR": str(dirs["config"]),
-            "JUPYTER_DATA_DIR": str(dirs["data"]),
-            "JUPYTER_RUNTIME_DIR": str(dirs["runtime"]),
-            "XDASK_HOME": str(xdask_home or tmp / "xdask-home"),
-            **(env or {}),
-        }
-        self.log_path = tmp / "jupyter.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", "--no-browser", f"--port={self.port}", "--ip=127.0.0.1",
-             f"--ServerApp.token={TOKEN}", "--allow-root", f"--ServerApp.root_dir={dirs['root']}", *args],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-            start_new_session=True,
-        )
-        self.http = httpx.Client(base_url=self.url, headers=AUTH, timeout=300)
-        if not wait_until(self._up, timeout=60, interval=0.2):
-            self.stop()
-            raise RuntimeError(f"jupyter server did not start:\n{self.log()}")
-
-    def _up(self) -> bool:
-        if self.proc.poll() is not None:
-            return True
-        try:
-            return self.http.get("/api/status").status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:
-        self.http.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture
@@ -419,7 +350,7 @@ def test_local_mode_starts_on_demand_and_stops_with_jupyter(jupyter_factory, tmp
     assert jup.http.post("/xdask/local").json()["endpoint"] == state["endpoint"]  # reused, not a second one
 
     jup.stop(sig)
-    assert wait_until(lambda: _pid_gone(state["pid"]), timeout=30), f"embedded server still runs\n{jup.log()}"
+    assert wait_until(lambda: pid_gone(state["pid"]), timeout=30), f"embedded server still runs\n{jup.log()}"
     assert not (home / "run" / "local.json").exists()
 
 
@@ -459,7 +390,7 @@ def test_ensure_local_is_shared_across_processes(tmp_path: Path) -> None:
             assert embedded.local_endpoint() == endpoint
         finally:
             assert embedded.stop_local() is True
-        assert wait_until(lambda: _pid_gone(state["pid"]), timeout=10)
+        assert wait_until(lambda: pid_gone(state["pid"]), timeout=10)
         assert not embedded.state_file().exists()
         assert embedded.stop_local() is False
         assert embedded.local_endpoint() is None

@@ -364,7 +364,7 @@ def test_cli_login_then_commands(auth_server: LocalServer, tmp_path: Path) -> No
 def test_jupyter_extension_passes_keys_through(auth_server: LocalServer, tmp_path: Path) -> None:
     """A real Jupyter server fronting the auth server: its own key, or the caller's X-Xdask-Authorization."""
     pytest.importorskip("jupyter_server")
-    from test_jupyter_extension import JupyterServer
+    from support.jupyter_server import JupyterServer
 
     keyed = JupyterServer(tmp_path / "keyed", f"--XdaskExtension.endpoint={auth_server.endpoint}",
                           f"--XdaskExtension.api_key={KEYS['lister']}", env={"XDASK_API_KEY": ""})
