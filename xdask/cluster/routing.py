@@ -76,6 +76,14 @@ class Router:
         """The records as last read, by uid (no call)."""
         return {uid: record for uid, (_, record) in self._records.items()}
 
+    def knows(self, uid: str) -> bool:
+        """Whether a record of ``uid`` is kept (no call, no copy: every HTTP answer asks)."""
+        return uid in self._records
+
+    def uids(self) -> list[str]:
+        """The uids of the records kept (no call)."""
+        return list(self._records)
+
     def pick(self, record: dict[str, Any], skip: set[str]) -> dict[str, Any] | None:
         """The ready replica with the fewest outstanding requests (ties rotate)."""
         ready = [r for r in record["replicas"] if r["state"] == "ready" and r.get("actor_key")

@@ -137,7 +137,7 @@ class Supervisor:
 
     def knows(self, uid: str) -> bool:
         """Whether ``uid`` is a model this server knows of now (no call): bounds metric labels."""
-        return uid in self.router.records()
+        return self.router.knows(uid)
 
     async def replica_stats(self, timeout: float | None = None) -> dict[str, Any]:
         """Each replica's live figures from its worker (``ModelRegistry.replica_stats``), within ``timeout``.
@@ -154,7 +154,7 @@ class Supervisor:
         The watch loop refreshes this view every ``cluster.watch-interval``;
         the request statistics use it to forget models that are gone.
         """
-        return list(self.router.records())
+        return self.router.uids()
 
     async def record(self, uid: str) -> dict[str, Any]:
         """The registry record of model ``uid`` as routing sees it (cached for 2 s; 404 if unknown).
